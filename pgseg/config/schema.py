@@ -1,0 +1,319 @@
+"""Typed configuration of an experiment: one dataclass per concern, validated once, loaded from YAML.
+
+Every field carries its default; presets (``presets/*.yaml``) and experiment files only say what differs.
+``Config.validate`` raises :class:`ConfigError` naming the dotted key and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "ConfigError", "ImageEncoderConfig", "TextEncoderConfig", "ModelConfig", "NPRConfig", "LossConfig",
+    "OptimConfig", "ScheduleConfig", "DataConfig", "EvalConfig", "TrackingConfig", "TrainConfig", "Config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible; the message names the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ImageEncoderConfig:
+    """GroupViT-style encoder: patch embedding, grouping stages, a last stage without grouping (SPEC §2.1)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 384
+    depths: list[int] = field(default_factory=lambda: [6, 3, 3])
+    num_heads: list[int] = field(default_factory=lambda: [6, 6, 6])
+    # group tokens per stage; the last stage has none (it only refines the final segments)
+    num_group_tokens: list[int] = field(default_factory=lambda: [64, 8, 0])
+    # segments produced by each grouping stage (one entry per stage but the last)
+    num_output_groups: list[int] = field(default_factory=lambda: [64, 8])
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    hard_assignment: bool = True  # straight-through one-hot assignment (False: soft)
+    gumbel: bool = True  # Gumbel noise on the assignment logits in training
+    gumbel_tau: float = 1.0
+    assign_eps: float = 1.0
+    # token-axis MLP width of the grouping block and of the stage-1 group projector, as a fraction of embed_dim
+    token_mlp_ratio: float = 0.5
+
+    def validate(self, key: str) -> None:
+        n = len(self.depths)
+        _require(n >= 2, f"{key}.depths", f"needs at least 2 stages (one grouping stage and a last one), got {n}")
+        _require(all(d >= 0 for d in self.depths), f"{key}.depths", "must be >= 0")
+        _require(len(self.num_heads) == n, f"{key}.num_heads", f"needs {n} entries (one per stage), got {len(self.num_heads)}")
+        _require(len(self.num_group_tokens) == n, f"{key}.num_group_tokens",
+                 f"needs {n} entries (one per stage), got {len(self.num_group_tokens)}")
+        _require(len(self.num_output_groups) == n - 1, f"{key}.num_output_groups",
+                 f"needs {n - 1} entries (one per grouping stage), got {len(self.num_output_groups)}")
+        _require(self.num_group_tokens[-1] == 0, f"{key}.num_group_tokens", "the last stage must have 0 group tokens")
+        _require(all(g > 0 for g in self.num_group_tokens[:-1]), f"{key}.num_group_tokens",
+                 "every grouping stage needs at least 1 group token")
+        _require(all(g > 0 for g in self.num_output_groups), f"{key}.num_output_groups", "must be > 0")
+        for i, h in enumerate(self.num_heads):
+            _require(h > 0 and self.embed_dim % h == 0, f"{key}.num_heads[{i}]",
+                     f"must be > 0 and divide embed_dim={self.embed_dim}, got {h}")
+        _require(self.patch_size > 0 and self.img_size % self.patch_size == 0, f"{key}.img_size",
+                 f"must be a multiple of patch_size={self.patch_size}, got {self.img_size}")
+        _require(self.embed_dim > 0, f"{key}.embed_dim", "must be > 0")
+        _require(self.gumbel_tau > 0, f"{key}.gumbel_tau", "must be > 0")
+        _require(0.0 <= self.drop_path_rate < 1.0, f"{key}.drop_path_rate", "must be in [0, 1)")
+        _require(0.0 <= self.drop_rate < 1.0 and 0.0 <= self.attn_drop_rate < 1.0, f"{key}.drop_rate",
+                 "dropout rates must be in [0, 1)")
+        _require(self.token_mlp_ratio > 0 and self.mlp_ratio > 0, f"{key}.mlp_ratio", "must be > 0")
+
+
+@dataclass
+class TextEncoderConfig:
+    """CLIP-style causal text transformer over CLIP BPE tokens (SPEC §2.3)."""
+
+    context_length: int = 77
+    width: int = 256
+    layers: int = 12
+    heads: int = 4
+    vocab_size: int = 49408
+
+    def validate(self, key: str) -> None:
+        _require(self.width > 0 and self.heads > 0 and self.width % self.heads == 0, f"{key}.heads",
+                 f"must be > 0 and divide width={self.width}, got {self.heads}")
+        _require(self.layers >= 0, f"{key}.layers", "must be >= 0")
+        _require(self.context_length >= 2, f"{key}.context_length", "must be >= 2 (SOT and EOT)")
+        _require(self.vocab_size >= 49408, f"{key}.vocab_size", "must hold the CLIP BPE vocabulary (>= 49408)")
+
+
+@dataclass
+class ModelConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    output_dim: int = 256  # joint embedding width
+    proj_hidden_dim: int = 4096  # inner width of every projector (image, text, NPR mapping_x)
+    proj_num_layers: int = 2
+    contrast_temperature: float = 0.07  # ITC logit scale starts at ln(1/T)
+    logit_scale_max: float = 100.0
+
+    def validate(self, key: str) -> None:
+        self.image.validate(f"{key}.image")
+        self.text.validate(f"{key}.text")
+        _require(self.output_dim > 0, f"{key}.output_dim", "must be > 0")
+        _require(self.proj_hidden_dim > 0, f"{key}.proj_hidden_dim", "must be > 0")
+        _require(self.proj_num_layers in (1, 2), f"{key}.proj_num_layers", "must be 1 or 2")
+        _require(self.contrast_temperature > 0, f"{key}.contrast_temperature", "must be > 0")
+        _require(self.logit_scale_max > 0, f"{key}.logit_scale_max", "must be > 0")
+
+
+@dataclass
+class NPRConfig:
+    """Non-learnable prototypical regularisation (SPEC §3). ``mode`` sets every behaviour where paper and code
+    differ; each such behaviour also has its own switch (``None`` = follow ``mode``) so a sweep can isolate it."""
+
+    mode: Literal["paper", "official"] = "paper"
+    enabled: bool = True  # PG units exist (EM prototypes + reconstruction); False = plain GroupViT
+    i_npr: bool = True  # image-level PG loss on every grouping stage
+    t_npr: bool = True  # text-level PG loss on the last grouping stage
+    hrs: bool = True  # hard rejecting strategy
+    phi: float = 0.1
+    # prototypes per grouping stage; None = as many as the stage's groups (paper Table 5 varies it)
+    num_prototypes: list[int] | None = None
+    text_prototypes: int = 8
+    lambda_: float = 0.1  # YAML key: lambda
+    beta: float = 0.01
+    em_iters: int = 10
+    gamma: float = 0.9  # prototype EMA momentum
+    pg_temperature: Literal["fixed", "learnable"] | None = None  # paper: fixed; official: learnable
+    tau: float = 0.1  # PG-loss temperature (the learnable one starts here)
+    start_epoch: int = 0  # the PG losses count from this epoch ...
+    start_step: int = 0  # ... and from this global step (both must be reached)
+    # behaviours that differ between the paper and the released code (None = follow mode)
+    matching: Literal["max_similarity", "min_similarity"] | None = None
+    hrs_rule: Literal["matched_pair", "column0"] | None = None
+    pg_reduction: Literal["per_image_mean", "pooled"] | None = None
+    image_ema: bool | None = None
+    text_ema: Literal["train_step", "every_forward", "off"] | None = None
+    # T-NPR normalises 1-D values; its backward divides by sqrt(|x|^2 + eps^2) instead of |x| (SPEC §3.4)
+    grad_eps: float = 1e-3
+
+    def resolved(self) -> "NPRConfig":
+        """A copy with every ``None`` switch replaced by the value ``mode`` implies."""
+        from dataclasses import replace
+
+        official = self.mode == "official"
+        defaults = {
+            "pg_temperature": "learnable" if official else "fixed",
+            "matching": "min_similarity" if official else "max_similarity",
+            "hrs_rule": "column0" if official else "matched_pair",
+            "pg_reduction": "pooled" if official else "per_image_mean",
+            "image_ema": not official,
+            "text_ema": "every_forward" if official else "train_step",
+        }
+        return replace(self, **{k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in defaults.items()})
+
+    def validate(self, key: str, image: ImageEncoderConfig | None = None) -> None:
+        _require(0.0 <= self.phi <= 1.0, f"{key}.phi", f"must be in [0, 1], got {self.phi}")
+        _require(self.lambda_ >= 0, f"{key}.lambda", f"must be >= 0, got {self.lambda_}")
+        _require(self.beta >= 0, f"{key}.beta", f"must be >= 0, got {self.beta}")
+        _require(self.em_iters >= 1, f"{key}.em_iters", f"must be >= 1, got {self.em_iters}")
+        _require(0.0 <= self.gamma <= 1.0, f"{key}.gamma", f"must be in [0, 1], got {self.gamma}")
+        _require(self.tau > 0, f"{key}.tau", f"must be > 0, got {self.tau}")
+        _require(self.text_prototypes >= 1, f"{key}.text_prototypes", "must be >= 1")
+        _require(self.start_epoch >= 0 and self.start_step >= 0, f"{key}.start_epoch", "must be >= 0")
+        _require(self.grad_eps > 0, f"{key}.grad_eps", "must be > 0")
+        if image is not None and self.num_prototypes is not None:
+            n = len(image.num_output_groups)
+            _require(len(self.num_prototypes) == n, f"{key}.num_prototypes",
+                     f"needs {n} entries (one per grouping stage), got {len(self.num_prototypes)}")
+            _require(all(p >= 1 for p in self.num_prototypes), f"{key}.num_prototypes", "must be >= 1")
+        if not self.enabled:
+            _require(not (self.i_npr or self.t_npr), f"{key}.enabled",
+                     "is false (no PG units), so i_npr and t_npr must be false too")
+
+    def prototypes_per_stage(self, image: ImageEncoderConfig) -> list[int]:
+        return list(self.num_prototypes) if self.num_prototypes is not None else list(image.num_output_groups)
+
+
+@dataclass
+class LossConfig:
+    itc_weight: float = 1.0
+    # GroupViT's multi-label contrastive loss (off in PGSeg): K nouns per caption into prompt templates
+    multi_label: int = 0
+    multi_label_weight: float = 1.0
+    share_temperature: bool = False
+    noun_vocabulary: str | None = None  # a text file, one noun per line; None = the built-in vocabulary
+
+    def validate(self, key: str) -> None:
+        _require(self.itc_weight >= 0, f"{key}.itc_weight", "must be >= 0")
+        _require(self.multi_label >= 0, f"{key}.multi_label", "must be >= 0 (number of nouns per caption)")
+        _require(self.multi_label_weight >= 0, f"{key}.multi_label_weight", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1.6e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float | None = 5.0
+
+    def validate(self, key: str) -> None:
+        _require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
+                 "must be two numbers in [0, 1)")
+        _require(self.eps > 0, f"{key}.eps", "must be > 0")
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _require(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 40
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+    def validate(self, key: str) -> None:
+        _require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        _require(0 <= self.warmup_epochs <= self.epochs, f"{key}.warmup_epochs", f"must be in [0, epochs={self.epochs}]")
+        _require(self.warmup_lr >= 0 and self.min_lr >= 0, f"{key}.min_lr", "learning rates must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # webdataset tars, globs or manifest files
+    weights: list[float] | None = None  # one per entry of shards when several sources are mixed
+    batch_size: int = 64  # per worker
+    img_size: int = 224
+    min_scale: float = 0.08
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    samples_per_epoch: int | None = None  # None = from the shard manifest
+
+    def validate(self, key: str) -> None:
+        _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.img_size >= 1, f"{key}.img_size", "must be >= 1")
+        _require(0 < self.min_scale <= 1, f"{key}.min_scale", "must be in (0, 1]")
+        _require(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
+        if self.weights is not None:
+            _require(len(self.weights) == len(self.shards), f"{key}.weights",
+                     f"needs one weight per shards entry ({len(self.shards)}), got {len(self.weights)}")
+            _require(all(w > 0 for w in self.weights), f"{key}.weights", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str] = field(default_factory=list)
+    every_epochs: int = 1
+    window: int = 448
+    stride: int = 224
+    short_side: int = 448
+    bg_thresh: float | None = None  # None = the dataset's default (SPEC §6)
+
+    def validate(self, key: str) -> None:
+        _require(self.every_epochs >= 0, f"{key}.every_epochs", "must be >= 0")
+        _require(self.window > 0 and 0 < self.stride <= self.window, f"{key}.stride", "must be in (0, window]")
+        _require(self.bg_thresh is None or 0 <= self.bg_thresh <= 1, f"{key}.bg_thresh", "must be in [0, 1]")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "pgseg"
+    run_name: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    checkpoint_every: int = 1000  # steps
+    keep_checkpoints: int = 3
+    max_failures: int = 0
+    storage_path: str = "runs"
+    init_from: str | None = None  # a checkpoint to initialise from (e.g. GroupViT for the official recipe)
+    nonfinite: Literal["skip", "stop"] = "skip"
+
+    def validate(self, key: str) -> None:
+        _require(self.workers >= 1, f"{key}.workers", f"must be >= 1, got {self.workers}")
+        _require(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
+        _require(self.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be >= 1")
+        _require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
+        _require(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1: unlimited)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    npr: NPRConfig = field(default_factory=NPRConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate("model")
+        self.npr.validate("npr", self.model.image)
+        self.loss.validate("loss")
+        self.optim.validate("optim")
+        self.schedule.validate("schedule")
+        self.data.validate("data")
+        self.eval.validate("eval")
+        self.train.validate("train")
+        return self
