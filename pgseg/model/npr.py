@@ -98,24 +98,25 @@ class _SafeNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, grad_eps: float) -> torch.Tensor:  # type: ignore[override]
         norm = x.norm(dim=dim, keepdim=True)
-        y = x / norm.clamp_min(1e-12)  # exactly F.normalize
-        ctx.save_for_backward(y, norm)
+        ctx.save_for_backward(x, norm)
         ctx.dim, ctx.grad_eps = dim, grad_eps
-        return y
+        return x / norm.clamp_min(1e-12)  # exactly F.normalize
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        y, norm = ctx.saved_tensors
-        # d(x/|x|) = (g − y⟨y, g⟩)/|x|, with |x| softened to sqrt(|x|² + eps²) so a ~0 vector cannot explode
-        grad = (g - y * (y * g).sum(dim=ctx.dim, keepdim=True)) / (norm.square() + ctx.grad_eps ** 2).sqrt()
-        return grad, None, None
+        x, norm = ctx.saved_tensors
+        unit = torch.where(norm > 0, x / norm, torch.zeros_like(x))  # the true direction, even below 1e-12
+        # d(x/|x|) = (g − u⟨u, g⟩)/|x|, with |x| softened to sqrt(|x|² + eps²) so a tiny vector cannot explode
+        grad = (g - unit * (unit * g).sum(dim=ctx.dim, keepdim=True)) / (norm.square() + ctx.grad_eps ** 2).sqrt()
+        return torch.where(norm > 0, grad, torch.zeros_like(grad)), None, None
 
 
 def normalize(x: torch.Tensor, dim: int = -1, grad_eps: float = 1e-3) -> torch.Tensor:
-    """F.normalize in the forward pass; a backward that stays bounded (≤ |g|/grad_eps) for near-zero vectors.
+    """F.normalize in the forward pass, with a backward that cannot explode.
 
-    For one-dimensional vectors (T-NPR) the forward gives ±1 and the gradient is exactly 0, which is the true
-    derivative of x/|x| — where the released code's F.normalize gives 1e12·g for |x| < 1e-12 (SPEC §3.4).
+    The backward is the exact derivative of x/|x| with |x| softened to sqrt(|x|² + grad_eps²) (bounded by
+    |g|/grad_eps). For one-dimensional vectors (T-NPR) x/|x| is a sign and the gradient is exactly 0 — where the
+    released code's F.normalize gives up to 1e12·g when the channel mean is rounding noise (SPEC §3.4).
     """
     return _SafeNormalize.apply(x, dim, grad_eps)
 

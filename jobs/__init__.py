@@ -1,0 +1,1 @@
+"""Thin entrypoints: one module per job (``python -m jobs.X`` for ``ray job submit``) and the ``pgseg`` command."""

@@ -1,0 +1,70 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+from pgseg.model.matching import _solve_wide, linear_sum_assignment
+
+
+def _scipy(cost: torch.Tensor, maximize: bool):
+    out = [scipy_lsa(c.double().numpy(), maximize=maximize) for c in cost]
+    return np.stack([r for r, _ in out]), np.stack([c for _, c in out])
+
+
+def _brute_force_best(cost: np.ndarray, maximize: bool) -> float:
+    nr, nc = cost.shape
+    if nr > nc:
+        return _brute_force_best(cost.T, maximize)
+    totals = [cost[np.arange(nr), list(p)].sum() for p in itertools.permutations(range(nc), nr)]
+    return max(totals) if maximize else min(totals)
+
+
+GENERATORS = {
+    "normal": lambda s: torch.randn(*s),
+    "small_integers": lambda s: torch.randint(-2, 3, s).float(),  # many ties
+    "signs": lambda s: torch.sign(torch.randn(*s)),  # the released T-NPR cost matrices
+    "constant": lambda s: torch.ones(*s),
+}
+
+
+@pytest.mark.parametrize("shape", [(40, 8, 8), (30, 16, 16), (20, 5, 9), (20, 9, 5), (10, 1, 4), (4, 64, 64)])
+@pytest.mark.parametrize("kind", list(GENERATORS))
+@pytest.mark.parametrize("maximize", [False, True])
+def test_identical_to_scipy_including_ties(shape, kind, maximize):
+    cost = GENERATORS[kind](shape)
+    rows, cols = linear_sum_assignment(cost, maximize=maximize)
+    ref_rows, ref_cols = _scipy(cost, maximize)
+    np.testing.assert_array_equal(rows.numpy(), ref_rows)
+    np.testing.assert_array_equal(cols.numpy(), ref_cols)
+
+
+@pytest.mark.parametrize("kind", ["normal", "small_integers", "signs"])
+def test_lockstep_backend_identical_to_scipy(kind):
+    """The tensor (GPU) backend, run here on CPU tensors, gives scipy's answer too."""
+    cost = GENERATORS[kind]((25, 7, 10)).double()
+    col4row = _solve_wide(cost)
+    np.testing.assert_array_equal(col4row.numpy(), _scipy(cost, False)[1])
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (4, 4), (5, 5), (3, 5), (5, 3)])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_optimal_against_brute_force(shape, maximize):
+    for kind in ("normal", "small_integers", "signs"):
+        cost = GENERATORS[kind]((12, *shape))
+        rows, cols = linear_sum_assignment(cost, maximize=maximize)
+        assert rows.shape == (12, min(shape))
+        for b in range(cost.shape[0]):
+            assert len(set(cols[b].tolist())) == min(shape) and len(set(rows[b].tolist())) == min(shape)
+            total = cost[b, rows[b], cols[b]].double().sum().item()
+            assert total == pytest.approx(_brute_force_best(cost[b].double().numpy(), maximize), abs=1e-9)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        linear_sum_assignment(torch.tensor([[[0.0, float("nan")], [1.0, 2.0]]]))
+    with pytest.raises(ValueError, match=r"expected \[B, R, C\]"):
+        linear_sum_assignment(torch.zeros(2, 2, 2, 2))
+    rows, cols = linear_sum_assignment(torch.zeros(3, 0, 4))
+    assert rows.shape == (3, 0) and cols.shape == (3, 0)
