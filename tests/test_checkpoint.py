@@ -1,0 +1,157 @@
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from pgseg.checkpoint import (CheckpointError, convert_released, extract_state_dict, load_model, load_released,
+                              read_checkpoint_file, read_model_config, save_model)
+from pgseg.config import load_config
+from pgseg.model import PGSeg
+
+from conftest import REPO
+
+
+def _released_layout_checkpoint(config_name: str, *, groupvit: bool = False) -> dict:
+    """Random tensors in the released layout of this architecture (incl. the unused mapping_text, conv kernels)."""
+    model = PGSeg.from_config(load_config(config_name, ["npr.mode=official"]))
+    state = {}
+    for name, value in model.state_dict().items():
+        if groupvit and ("downsample_spatial" in name or name in ("img_encoder.logit_scale", "text_encoder.Atten.mu")):
+            continue
+        rand = torch.randn_like(value.float()).to(value.dtype) if value.is_floating_point() else value.clone()
+        if value.ndim == 2 and (".linear_hidden.0.weight" in name or ".linear_out.weight" in name):
+            rand = rand[..., None]  # the release's 1×1 Conv1d
+        state[name] = rand
+    if not groupvit:
+        dim = model.model_cfg.image.embed_dim
+        state["img_encoder.mapping_text.linear_hidden.0.weight"] = torch.randn(4096, dim, 1)
+        state["img_encoder.mapping_text.linear_out.weight"] = torch.randn(256, 4096, 1)
+    return state
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class OmegaLike(dict):
+    """Stands for the OmegaConf config object the released files pickle."""
+
+
+def test_random_released_layout_converts_with_nothing_missing(tmp_path):
+    state = _released_layout_checkpoint("tiny")
+    path = tmp_path / "released.pth"
+    torch.save({"model": state, "config": OmegaLike(lr=1.0), "amp": _Apex(), "epoch": 3}, path)
+    model = PGSeg.from_config(load_config("tiny", ["npr.mode=official"]))
+    report = load_released(model, path, "pgseg-official")
+    assert report.ok and not report.missing and not report.unexpected
+    assert len(report.loaded) == len(model.state_dict()) and len(report.dropped) == 2
+    torch.testing.assert_close(model.img_projector.linear_out.weight, state["img_projector.linear_out.weight"][..., 0])
+    torch.testing.assert_close(model.text_encoder.Atten.mu, state["text_encoder.Atten.mu"])
+
+
+class _Apex:
+    """Stands for apex's amp state (an object torch's weights_only loader refuses)."""
+
+    def __init__(self):
+        self.loss_scale = 1024.0
+
+
+def test_groupvit_layout_loads_into_the_groupvit_part(tmp_path):
+    state = _released_layout_checkpoint("tiny", groupvit=True)
+    path = tmp_path / "groupvit.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)  # with a DDP prefix
+    model = PGSeg.from_config(load_config("tiny", ["npr.mode=official"]))
+    mu_before = model.img_encoder.layers[0].downsample_spatial.mu.clone()
+    report = load_released(model, path, "groupvit-official")
+    assert report.ok and len(report.expected_missing) > 0
+    assert all("downsample_spatial" in k or k in ("img_encoder.logit_scale", "text_encoder.Atten.mu")
+               for k in report.expected_missing)
+    assert torch.equal(model.img_encoder.layers[0].downsample_spatial.mu, mu_before)  # NPR parts keep their init
+    torch.testing.assert_close(model.img_encoder.pos_embed, state["img_encoder.pos_embed"])
+    with pytest.raises(CheckpointError, match="missing"):  # a GroupViT file is not a PGSeg one
+        load_released(PGSeg.from_config(load_config("tiny", ["npr.mode=official"])), path, "pgseg-official")
+
+
+def test_wrong_architecture_fails_with_the_report(tmp_path):
+    path = tmp_path / "released.pth"
+    torch.save({"model": _released_layout_checkpoint("tiny")}, path)
+    other = PGSeg.from_config(load_config("tiny", ["model.image.embed_dim=32", "model.image.num_heads=[2,2,2]"]))
+    with pytest.raises(CheckpointError, match="shape mismatch: [1-9]"):
+        load_released(other, path)
+
+
+def test_malicious_pickle_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    for legacy in (False, True):
+        path = tmp_path / f"evil_{legacy}.pth"
+        torch.save({"model": {"w": torch.zeros(2)}, "config": _Evil(marker)}, path,
+                   _use_new_zipfile_serialization=not legacy)
+        obj = read_checkpoint_file(path)
+        assert not marker.exists()
+        assert torch.equal(obj["model"]["w"], torch.zeros(2))
+        assert "system" in repr(obj["config"]) and f"touch {marker}" in obj["config"].args[0]
+    raw = tmp_path / "evil.pkl"
+    import pickle
+    raw.write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(CheckpointError):
+        read_checkpoint_file(raw)
+    assert not marker.exists()
+
+
+def test_truncated_empty_and_foreign_files(tmp_path, fixture_dir):
+    good = (fixture_dir / "released_layout_small.pth").read_bytes()
+    cases = {"truncated.pth": good[: len(good) // 3], "empty.pth": b"", "text.pth": b"hello, I am not a model\n",
+             "zip.pth": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    with zipfile.ZipFile(tmp_path / "zip.pth", "w") as zf:
+        zf.writestr("readme.txt", "not a checkpoint")
+    for name, pattern in [("truncated.pth", "truncated"), ("empty.pth", "empty"), ("text.pth", "not a PyTorch"),
+                          ("zip.pth", "not a PyTorch"), ("missing.pth", "no such")]:
+        with pytest.raises(CheckpointError, match=pattern):
+            read_checkpoint_file(tmp_path / name)
+    torch.save({"model": {"a": 1}}, tmp_path / "nontensor.pth")
+    with pytest.raises(CheckpointError, match="not name→tensor"):
+        extract_state_dict(read_checkpoint_file(tmp_path / "nontensor.pth"))
+
+
+def test_own_format_round_trip_and_refusals(tmp_path):
+    config = load_config("tiny", ["npr.phi=0.25"])
+    model = PGSeg.from_config(config).eval()
+    path = save_model(model, config, tmp_path / "m.safetensors")
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    loaded, loaded_config = load_model(path)
+    assert loaded_config.npr.phi == 0.25
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images).x, model.encode_image(images).x)
+    with pytest.raises(CheckpointError, match="end in .safetensors"):
+        save_model(model, config, tmp_path / "m.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_model_config(tmp_path / "bad.safetensors")
+
+
+def test_pgseg_convert_command(tmp_path, fixture_dir):
+    out = tmp_path / "converted.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "convert", "--from", "pgseg-official",
+                           str(fixture_dir / "released_layout_small.pth"), str(out)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded: 212 tensors" in proc.stdout and "dropped on purpose: 9" in proc.stdout and "missing: 0" in proc.stdout
+    model, config = load_model(out)
+    assert config.model.image.embed_dim == 96 and config.npr.mode == "official"
+    # converting a PGSeg file as a GroupViT one is refused, and nothing is written
+    bad_out = tmp_path / "bad.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "convert", "--from", "groupvit-official",
+                           str(fixture_dir / "released_layout_small.pth"), str(bad_out)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "nothing was written" in proc.stderr and not bad_out.exists()

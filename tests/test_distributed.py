@@ -1,0 +1,94 @@
+"""Two gloo processes on 127.0.0.1: the prototype EMA leaves identical buffers on both ranks, and the image–text
+loss over the global batch gives each rank the gradient of the single-process loss on the whole batch."""
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pgseg import distributed as D
+from pgseg.config import load_config
+from pgseg.losses import contrastive_loss
+from pgseg.model import PGSeg
+from pgseg.text import tokenize
+
+pytestmark = pytest.mark.distributed
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        # 1. prototype EMA: every rank starts from the same model and sees different images
+        torch.manual_seed(0)
+        model = PGSeg.from_config(load_config("tiny", ["npr.mode=paper"])).train()
+        torch.manual_seed(100 + rank)
+        images = torch.randn(3, 3, 64, 64)
+        tokens = tokenize(["a red circle", "a blue square", "a star"], context_length=16)
+        out = model(images, tokens, gather=D.all_gather_with_grad, rank=D.rank(), mean=D.all_reduce_mean)
+        model.ema_step(out.prototypes, mean=D.all_reduce_mean)
+        buffers = {k: v.clone() for k, v in model.named_buffers() if k.endswith(".mu")}
+        local = {k: v.mean(0, keepdim=True) for k, v in out.prototypes.items()}
+        # 2. ITC over the global batch: features of this rank's half of a fixed global batch
+        torch.manual_seed(7)
+        img_all = torch.randn(WORLD * 4, 8)
+        txt_all = torch.randn(WORLD * 4, 8)
+        img = img_all[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+        txt = txt_all[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+        loss = contrastive_loss(img, txt, torch.tensor(10.0), gather=D.all_gather_with_grad, rank=D.rank())
+        loss.backward()
+        torch.save({"buffers": buffers, "local_means": local, "loss": loss.detach(),
+                    "img_grad": img.grad, "txt_grad": txt.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True, start_method="spawn")
+        yield [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def test_prototype_ema_identical_across_ranks(results):
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in PGSeg.from_config(load_config("tiny", ["npr.mode=paper"])).named_buffers()
+               if k.endswith(".mu")}
+    a, b = results[0]["buffers"], results[1]["buffers"]
+    assert a.keys() == b.keys() and len(a) == 3
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+        assert not torch.equal(a[name], initial[name]), name  # it moved
+    # and it moved by the mean over the global batch (both ranks' local means)
+    key = "img_encoder.layers.0.downsample_spatial.mu"
+    global_mean = (results[0]["local_means"]["stage0"] + results[1]["local_means"]["stage0"]) / 2
+    torch.testing.assert_close(a[key], 0.9 * initial[key] + 0.1 * global_mean, atol=1e-6, rtol=1e-5)
+
+
+def test_itc_uses_the_global_batch(results):
+    torch.manual_seed(7)
+    img_all = torch.randn(WORLD * 4, 8, requires_grad=True)
+    txt_all = torch.randn(WORLD * 4, 8, requires_grad=True)
+    loss = contrastive_loss(img_all, txt_all, torch.tensor(10.0))
+    loss.backward()
+    # each rank's loss is its share of the global loss; summed gradients (what DDP all-reduces, before its
+    # division by the world size) equal the global loss's gradient ×W
+    mean_loss = sum(r["loss"] for r in results) / WORLD
+    assert mean_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    img_grad = torch.cat([r["img_grad"] for r in results]) / WORLD
+    txt_grad = torch.cat([r["txt_grad"] for r in results]) / WORLD
+    torch.testing.assert_close(img_grad, img_all.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(txt_grad, txt_all.grad, atol=1e-6, rtol=1e-4)
+    local_only = contrastive_loss(img_all[:4], txt_all[:4], torch.tensor(10.0))
+    assert abs(local_only.item() - results[0]["loss"].item()) > 1e-3  # it is not the local-batch loss
