@@ -6,7 +6,7 @@ import zipfile
 import pytest
 import torch
 
-from pgseg.checkpoint import (CheckpointError, convert_released, extract_state_dict, load_model, load_released,
+from pgseg.checkpoint import (CheckpointError, extract_state_dict, load_model, load_released,
                               read_checkpoint_file, read_model_config, save_model)
 from pgseg.config import load_config
 from pgseg.model import PGSeg
@@ -155,3 +155,38 @@ def test_pgseg_convert_command(tmp_path, fixture_dir):
                            str(fixture_dir / "released_layout_small.pth"), str(bad_out)],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "nothing was written" in proc.stderr and not bad_out.exists()
+
+
+def _from_released_key_list(skip_pgseg_only: bool = False) -> dict:
+    """Random tensors with exactly the names, shapes and dtypes of the released checkpoint (SPEC §7 key list)."""
+    from conftest import REFERENCE
+
+    state = {}
+    for line in (REFERENCE / "official_pgseg_state_dict_keys.tsv").read_text().splitlines():
+        name, shape, dtype = line.split("\t")
+        if skip_pgseg_only and ("downsample_spatial" in name or "mapping_text" in name
+                                or name in ("img_encoder.logit_scale", "text_encoder.Atten.mu")):
+            continue
+        dims = [int(d) for d in shape.strip("()").split(",") if d.strip()]
+        dt = getattr(torch, dtype.split(".")[-1])
+        state[name] = torch.randn(dims).to(dt) if dt.is_floating_point else torch.zeros(dims, dtype=dt)
+    return state
+
+
+@pytest.mark.parametrize("source", ["pgseg-official", "groupvit-official"])
+def test_released_key_list_converts_into_pgseg_vit_s(tmp_path, source):
+    state = _from_released_key_list(skip_pgseg_only=source == "groupvit-official")
+    path = tmp_path / "released.pth"
+    torch.save({"model": state, "config": OmegaLike(model={"type": "MultiLabelContrastive"}), "amp": _Apex(),
+                "optimizer": {"state": {}}, "epoch": 30}, path)
+    model = PGSeg.from_config(load_config("pgseg_vit_s", ["npr.mode=official"]))
+    report = load_released(model, path, source)
+    assert report.ok and not report.missing and not report.unexpected and not report.mismatched
+    if source == "pgseg-official":
+        assert len(report.loaded) == 437 - 9 and len(report.dropped) == 9 and not report.expected_missing
+        torch.testing.assert_close(model.img_encoder.layers[1].downsample_spatial.mu,
+                                   state["img_encoder.layers.1.downsample_spatial.mu"])
+    else:
+        assert len(report.expected_missing) == 2 * 10 + 2
+    torch.testing.assert_close(model.text_projector.linear_hidden[0].weight,
+                               state["text_projector.linear_hidden.0.weight"][..., 0])

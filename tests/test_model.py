@@ -149,3 +149,10 @@ def test_text_tokens_longer_than_context_are_refused():
     model = _tiny()
     with pytest.raises(ValueError, match="L <= 16"):
         model.encode_text(torch.zeros(2, 77, dtype=torch.long))
+
+
+def test_prototype_count_may_differ_from_group_count():
+    model = _tiny("npr.num_prototypes=[24, 4]").train()
+    out = model(*_batch())
+    assert out.prototypes["stage0"].shape[1] == 24 and out.prototypes["stage1"].shape[1] == 4
+    assert torch.isfinite(out.loss) and "pg_stage1" in out.terms

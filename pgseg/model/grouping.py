@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Mlp
 
 from .layers import CrossAttnBlock
@@ -88,4 +87,4 @@ class GroupingBlock(nn.Module):
         return segments, Assignment(soft=soft, hard=hard, centres=centres)
 
 
-__all__ = ["Assignment", "AssignAttention", "GroupingBlock", "gumbel_noise", "straight_through_one_hot", "F"]
+__all__ = ["Assignment", "AssignAttention", "GroupingBlock", "gumbel_noise", "straight_through_one_hot"]
