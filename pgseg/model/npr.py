@@ -189,8 +189,9 @@ def pg_loss(centres: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor
 
     Matched pairs (g_k, p_k) are positives; every other prototype (group) of the same image is a negative:
     logits s·ĝ_k·p̂ⱼ over the M prototypes and s·p̂_k·ĝⱼ over the G groups, cross-entropy to the partner.
-    ``reduction``: ``per_image_mean`` (paper Eq. 3: mean over an image's kept pairs of the two directions' sum,
-    then over images) or ``pooled`` (released: each direction averaged over its kept rows across the batch, summed).
+    ``reduction``: ``per_image_mean`` (paper Eq. 3: per image, each direction averaged over the q kept pairs and
+    the two summed, then the mean over images) or ``pooled`` (released: each direction averaged over its kept rows
+    across the whole batch, the two summed).
     """
     rows, cols = match(centres, prototypes, maximize=maximize)  # [B, K]
     g = normalize(centres.float(), dim=-1, grad_eps=grad_eps)  # [B, G, C]
@@ -211,10 +212,9 @@ def pg_loss(centres: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor
             n = keep.sum()
             loss = loss + torch.where(n > 0, (ce * keep).sum() / n.clamp_min(1), zero)
     elif reduction == "per_image_mean":
-        terms = ce_g2p * keep_g2p + ce_p2g * keep_p2g  # [B, K]
-        q = keep_g2p.sum(1)  # [B] pairs kept per image (the paper's q; both directions share one mask there)
-        per_image = terms.sum(1) / q.clamp_min(1)
-        used = q > 0
+        # per image and direction, the mean over kept pairs (the paper's 1/q), summed; then the mean over images
+        per_image = sum((ce * keep).sum(1) / keep.sum(1).clamp_min(1) for ce, keep in ((ce_g2p, keep_g2p), (ce_p2g, keep_p2g)))
+        used = keep_g2p.any(1) | keep_p2g.any(1)  # [B]
         loss = torch.where(used.any(), (per_image * used).sum() / used.sum().clamp_min(1), zero)
     else:
         raise ValueError(f"pg reduction must be 'per_image_mean' or 'pooled', got {reduction!r}")
