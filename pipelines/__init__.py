@@ -1,0 +1,1 @@
+"""The distributed stages on Ray (data, training, evaluation, sweeps, tracking). Builds on ``pgseg``."""
