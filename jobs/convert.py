@@ -7,6 +7,7 @@ way every tensor shape is checked, and an unexpected layout fails with the key r
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -21,21 +22,21 @@ def overrides_from_build_config(obj: Any) -> list[str]:
     if not isinstance(model, dict) or not isinstance(model.get("img_encoder"), dict):
         return []
     img, txt = model["img_encoder"], model.get("text_encoder", {})
-    items = [f"model.image.{ours}={img[theirs]}" for ours, theirs in (
+    items = [f"model.image.{ours}={json.dumps(img[theirs])}" for ours, theirs in (
         ("img_size", "img_size"), ("patch_size", "patch_size"), ("embed_dim", "embed_dim"), ("depths", "depths"),
         ("num_heads", "num_heads"), ("num_group_tokens", "num_group_tokens"),
         ("num_output_groups", "num_output_groups"), ("mlp_ratio", "mlp_ratio"), ("drop_path_rate", "drop_path_rate"),
         ("hard_assignment", "hard_assignment"), ("gumbel", "hard_assignment")) if theirs in img]
     for key in ("context_length", "width", "layers", "vocab_size"):
         if key in txt:
-            items.append(f"model.text.{key}={txt[key]}")
+            items.append(f"model.text.{key}={json.dumps(txt[key])}")
     if "width" in txt:
         items.append(f"model.text.heads={max(int(txt['width']) // 64, 1)}")  # the release hard-codes width // 64
     for ours, theirs in (("output_dim", "output_dim"), ("contrast_temperature", "contrast_temperature"),
                          ("proj_num_layers", "proj_num_layers")):
         if theirs in model:
-            items.append(f"model.{ours}={model[theirs]}")
-    return [i.replace("True", "true").replace("False", "false") for i in items]
+            items.append(f"model.{ours}={json.dumps(model[theirs])}")
+    return items  # JSON values are YAML, as --set parses them
 
 
 def run(args: argparse.Namespace) -> int:

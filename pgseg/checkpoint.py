@@ -213,6 +213,7 @@ def convert_released(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
     ours = model.state_dict()
     report = KeyReport()
     out: dict[str, torch.Tensor] = {}
+    mismatched: set[str] = set()
     for name, value in state_dict.items():
         if name.startswith(DROPPED_ON_PURPOSE):
             report.dropped.append(name)
@@ -222,12 +223,13 @@ def convert_released(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
         if name not in ours:
             report.unexpected.append(name)
         elif ours[name].shape != value.shape:
+            mismatched.add(name)
             report.mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(ours[name].shape)}")
         else:
             out[name] = value.to(ours[name].dtype)
             report.loaded.append(name)
     for name in ours:
-        if name not in out and not any(name in m.split(":")[0] for m in report.mismatched):
+        if name not in out and name not in mismatched:
             if source == "groupvit-official" and name.startswith(PGSEG_ONLY):
                 report.expected_missing.append(name)
             else:

@@ -114,12 +114,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        errors = []
         for option in get_args(tp):
             try:
                 return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
