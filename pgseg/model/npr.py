@@ -4,7 +4,7 @@
    responsibilities, P = Z̃ᵀV, L2-normalised), from a stored ``mu``; no gradient.
 2. ``PrototypeUnit``: those prototypes plus the reconstruction Z̃·P_T → ``mapping_x``, added to the stage tokens.
    ``TextPrototypes``: the same EM over the channels of the text feature, one-dimensional (T-NPR).
-3. ``match``: one-to-one Hungarian pairing of group centres with prototypes (max or, as released, min similarity).
+3. matching: one-to-one Hungarian pairing of group centres with prototypes (max or, as released, min similarity).
 4. ``hrs_masks``: the hard rejecting strategy (the paper's matched-pair rule or the released column-0 rule).
 5. ``pg_loss``: within-image contrastive loss over the kept pairs, both directions (per-image mean or pooled).
 6. ``ema_``: mu ← γ·mu + (1−γ)·mean of P_T.
@@ -122,14 +122,8 @@ def normalize(x: torch.Tensor, dim: int = -1, grad_eps: float = 1e-3) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------------- 3. matching
-@torch.no_grad()
-def match(centres: torch.Tensor, prototypes: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hungarian pairing on the cosine similarity [B, G, M] → (rows [B, K], cols [B, K]), K = min(G, M).
-
-    ``maximize=False`` is the released behaviour (pairs each centre with a maximally dissimilar prototype).
-    """
-    sim = F.normalize(centres.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).transpose(1, 2)
-    return linear_sum_assignment(sim, maximize=maximize)
+# Hungarian pairing on the cosine similarity [B, G, M] (pgseg.model.matching, exact, batched): maximise it (paper)
+# or, as released, minimise it (each centre then gets a maximally dissimilar prototype). Done inside pg_loss.
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -193,9 +187,9 @@ def pg_loss(centres: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor
     the two summed, then the mean over images) or ``pooled`` (released: each direction averaged over its kept rows
     across the whole batch, the two summed).
     """
-    rows, cols = match(centres, prototypes, maximize=maximize)  # [B, K]
     g = normalize(centres.float(), dim=-1, grad_eps=grad_eps)  # [B, G, C]
     p = F.normalize(prototypes.detach().float(), dim=-1)  # [B, M, C]
+    rows, cols = linear_sum_assignment(g.detach() @ p.transpose(1, 2), maximize=maximize)  # [B, K] 3. matching
     g_pair, p_pair = _gather_rows(g, rows), _gather_rows(p, cols)  # [B, K, C]
     logits_g2p = scale * (g_pair @ p.transpose(1, 2))  # [B, K, M]
     logits_p2g = scale * (p_pair @ g.transpose(1, 2))  # [B, K, G]

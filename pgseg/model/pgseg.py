@@ -37,7 +37,7 @@ class TextEmbedding:
 class TrainOutput:
     loss: torch.Tensor  # the total to backpropagate
     terms: dict[str, torch.Tensor]  # each weighted loss term (detached)
-    metrics: dict[str, float]  # hrs kept fractions, temperatures, T-NPR gradient norm
+    metrics: dict[str, torch.Tensor]  # detached scalars (no host sync here): hrs kept fractions, scales, T-NPR grad norm
     prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # for ema_step
 
 
@@ -115,14 +115,14 @@ class PGSeg(nn.Module):
         npr = self.npr
         text = self.encode_text(tokens, mean=mean)
         image = self.encode_image(images)
+        itc_scale = self.itc_scale()
         terms: dict[str, torch.Tensor] = {}
-        metrics: dict[str, float] = {"itc_scale": float(self.itc_scale().detach())}
-        terms["itc"] = self.loss_cfg.itc_weight * contrastive_loss(image.x, text.x, self.itc_scale(), gather=gather,
-                                                                   rank=rank)
+        metrics: dict[str, torch.Tensor] = {"itc_scale": itc_scale.detach()}
+        terms["itc"] = self.loss_cfg.itc_weight * contrastive_loss(image.x, text.x, itc_scale, gather=gather, rank=rank)
         if noun_tokens is not None and self.loss_cfg.multi_label > 0:
             b, k, length = noun_tokens.shape
             nouns = self.encode_text(noun_tokens.reshape(b * k, length), mean=mean).x.reshape(b, k, -1)
-            scale = self.itc_scale() if self.loss_cfg.share_temperature else self._clamped(self.multi_label_logit_scale)
+            scale = itc_scale if self.loss_cfg.share_temperature else self._clamped(self.multi_label_logit_scale)
             terms["multi_label"] = self.loss_cfg.multi_label_weight * multi_label_loss(image.x, nouns, scale,
                                                                                        gather=gather, rank=rank)
         stages = image.out.stages
@@ -131,23 +131,23 @@ class PGSeg(nn.Module):
             prototypes["text"] = text.prototypes
         if npr.enabled and self.npr_active(step, epoch) and (npr.i_npr or npr.t_npr):
             scale = self.pg_scale()
-            metrics["pg_scale"] = float(scale.detach())
+            metrics["pg_scale"] = scale.detach()
             common = dict(maximize=npr.matching == "max_similarity", hrs=npr.hrs, phi=npr.phi,
                           hrs_rule=npr.hrs_rule, reduction=npr.pg_reduction, grad_eps=npr.grad_eps)
             if npr.i_npr:
                 for s, st in enumerate(stages):
                     result = pg_loss(st.assignment.centres, st.prototypes, scale, **common)
                     terms[f"pg_stage{s}"] = npr.lambda_ * result.loss
-                    metrics[f"hrs_kept_stage{s}"] = float(result.kept_fraction)
+                    metrics[f"hrs_kept_stage{s}"] = result.kept_fraction.detach()
             if npr.t_npr:
                 centres = stages[-1].assignment.centres  # [B, G, C]
                 avg = centres.mean(dim=-1, keepdim=True)  # AVG(G): [B, G, 1]
                 result = pg_loss(avg, text.prototypes, scale, **common)
                 terms["pg_text"] = npr.beta * result.loss
-                metrics["hrs_kept_text"] = float(result.kept_fraction)
+                metrics["hrs_kept_text"] = result.kept_fraction.detach()
                 if terms["pg_text"].requires_grad:
                     (grad,) = torch.autograd.grad(terms["pg_text"], centres, retain_graph=True, allow_unused=True)
-                    metrics["tnpr_grad_norm"] = 0.0 if grad is None else float(grad.norm())
+                    metrics["tnpr_grad_norm"] = centres.new_zeros(()) if grad is None else grad.norm().detach()
         total = sum(terms.values())
         return TrainOutput(total, {k: v.detach() for k, v in terms.items()}, metrics, prototypes)
 
