@@ -174,16 +174,19 @@ class ShapesWorld:
         return TEMPLATES_MANY[int(rng.integers(len(TEMPLATES_MANY)))].format(phrase)
 
 
-VOC_PALETTE = [0, 0, 0]
-for _i in range(1, 256):  # the standard PASCAL VOC colour map
-    _r = _g = _b = 0
-    _c = _i
-    for _j in range(8):
-        _r |= ((_c >> 0) & 1) << (7 - _j)
-        _g |= ((_c >> 1) & 1) << (7 - _j)
-        _b |= ((_c >> 2) & 1) << (7 - _j)
-        _c >>= 3
-    VOC_PALETTE += [_r, _g, _b]
+def _voc_palette() -> list[int]:
+    """The standard PASCAL VOC colour map (bits of the label spread over the high bits of R, G, B)."""
+    palette = []
+    for label in range(256):
+        rgb = [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((label >> (3 * bit + channel)) & 1) << (7 - bit)
+        palette += rgb
+    return palette
+
+
+VOC_PALETTE = _voc_palette()
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:

@@ -59,3 +59,11 @@ def test_same_seed_same_bytes_and_voc_layout(tmp_path):
 def test_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ShapesWorld(**kwargs)
+
+
+def test_voc_palette_is_the_standard_one():
+    from pipelines.shapes_world import VOC_PALETTE
+
+    colour = {i: tuple(VOC_PALETTE[3 * i:3 * i + 3]) for i in range(256)}
+    assert colour[0] == (0, 0, 0) and colour[1] == (128, 0, 0) and colour[15] == (192, 128, 128)  # person
+    assert colour[20] == (0, 64, 128) and len(set(colour.values())) == 256  # tvmonitor; all distinct
