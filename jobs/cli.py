@@ -19,12 +19,13 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert
+    from . import convert, data
 
     parser = argparse.ArgumentParser(prog="pgseg", description="PGSeg on Ray: weakly open-vocabulary segmentation.")
     parser.add_argument("--version", action="version", version=f"pgseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     convert.add_parser(sub)
+    data.add_parser(sub)
     p = sub.add_parser("config", help="print a resolved config (preset or YAML, with --set overrides)")
     p.add_argument("config", nargs="?", default=None, help="preset name or YAML path (default: pgseg_vit_s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "data":
+        from . import data
+
+        return data.run(args)
     return args.func(args)
 
 

@@ -231,3 +231,22 @@ def write_voc_val(world: ShapesWorld, out_dir: str | Path, count: int) -> Path:
     _atomic_bytes(root / "ImageSets/Segmentation/val.txt", ("\n".join(ids) + "\n").encode())
     _atomic_bytes(root / "class_names.txt", ("\n".join(("background", *world.classes)) + "\n").encode())
     return root
+
+
+def write_url_list(rows: list[dict[str, str]], base_url: str, out_dir: str | Path) -> Path:
+    """The url list of generated training images served at ``base_url`` (http://… or file://…), in the format
+    the sources stage writes: parquet with url, caption, source, key."""
+    import hashlib
+
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_url.rstrip("/")
+    urls = [f"{base}/{r['path']}" for r in rows]
+    frame = pd.DataFrame({"url": urls, "caption": [r["caption"] for r in rows], "source": "shapes",
+                          "key": [hashlib.sha1(u.encode()).hexdigest()[:16] for u in urls]})
+    tmp = out / ".part-00000.parquet.tmp"
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out / "part-00000.parquet")
+    return out

@@ -1,0 +1,183 @@
+"""``pgseg data sources | download | shapes | inspect`` (and ``python -m jobs.data …`` for ``ray job submit``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import yaml
+
+
+def _init_ray() -> None:
+    """Attach to the cluster of a Ray job (RAY_ADDRESS) or start an embedded local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+
+
+def _source_spec(text: str, args: argparse.Namespace):
+    from pipelines.sources import SourceSpec
+
+    kind, sep, paths = text.partition(":")
+    if not sep or not paths:
+        raise ValueError(f"--source {text!r}: expected KIND:PATH[,PATH…], e.g. cc3m:/data/cc3m/*.tsv")
+    return SourceSpec(kind, paths.split(","), url_column=args.url_column, caption_column=args.caption_column,
+                      yfcc_metadata=args.yfcc_metadata)
+
+
+def cmd_sources(args: argparse.Namespace) -> int:
+    from pipelines.sources import build_url_list
+
+    specs = [_source_spec(s, args) for s in args.source]
+    _init_ray()
+    report = build_url_list(specs, args.out, seed=args.seed, rows_per_part=args.rows_per_part)
+    print(report.text())
+    print(f"url list: {args.out} ({len(report.parts)} parquet part(s))")
+    return 0
+
+
+def _spec_from_args(args: argparse.Namespace):
+    from pipelines.download import DownloadSpec
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return DownloadSpec(image_size=args.image_size, number_sample_per_shard=args.per_shard,
+                        processes_count=args.processes, thread_count=args.threads, timeout=args.timeout,
+                        distributor=args.distributor, shard_retries=args.shard_retries, options=options)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from pipelines.download import download
+
+    spec = _spec_from_args(args)
+    if spec.distributor == "ray":
+        _init_ray()
+    manifest = download(args.url_list, args.out, spec)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+    return 0
+
+
+def cmd_shapes(args: argparse.Namespace) -> int:
+    from pipelines.download import download
+    from pipelines.serve import serve_directory
+    from pipelines.shapes_world import ShapesWorld, write_train_images, write_url_list, write_voc_val
+
+    out = Path(args.out)
+    world = ShapesWorld(num_classes=args.classes, image_size=args.size, seed=args.seed)
+    rows = write_train_images(world, out / "www", args.train)
+    val = write_voc_val(world, out / "val", args.val)
+    spec = _spec_from_args(args)
+    if args.serve == "file":
+        write_url_list(rows, (out / "www").resolve().as_uri(), out / "urls")
+        manifest = download(out / "urls", out / "shards", spec)
+    else:
+        with serve_directory(out / "www") as base:
+            write_url_list(rows, base, out / "urls")
+            manifest = download(out / "urls", out / "shards", spec)
+    print(f"shapes world: {manifest['samples']} training pairs in {manifest['num_shards']} shard(s) at "
+          f"{out / 'shards'}, {args.val} validation images at {val}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipelines.download import read_manifest
+
+    path = Path(args.path)
+    if path.is_dir() or path.name.endswith(".json"):
+        manifest = read_manifest(path)
+        print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+        for shard in manifest["shards"][: args.limit]:
+            print(f"  {shard['tar']}: {shard['samples']} samples of {shard['attempted']}")
+        return 0
+    try:
+        with tarfile.open(path) as tar:
+            samples: dict[str, dict[str, int | str]] = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                entry = samples.setdefault(key, {})
+                if ext in ("txt", "text"):
+                    entry["caption"] = tar.extractfile(member).read().decode("utf-8", "replace")
+                else:
+                    entry[ext] = member.size
+                if len(samples) > args.limit:
+                    break
+    except (tarfile.TarError, OSError) as exc:
+        print(f"error: {path}: not a readable tar shard ({exc})", file=sys.stderr)
+        return 2
+    for key, entry in list(samples.items())[: args.limit]:
+        caption = entry.pop("caption", "<no caption>")
+        members = ", ".join(f"{ext} {size} B" for ext, size in entry.items())
+        print(f"{key}: {caption!r} [{members}]")
+    return 0
+
+
+def _download_options(p: argparse.ArgumentParser, image_size: int = 512) -> None:
+    p.add_argument("--image-size", type=int, default=image_size)
+    p.add_argument("--per-shard", type=int, default=10000, help="samples per shard")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--threads", type=int, default=32)
+    p.add_argument("--timeout", type=int, default=10)
+    p.add_argument("--distributor", choices=["multiprocessing", "ray"], default="multiprocessing")
+    p.add_argument("--shard-retries", type=int, default=2)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other img2dataset.download argument (repeatable)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="url lists, downloads into shards, the shapes world, shard inspection")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="STEP")
+    p = dsub.add_parser("sources", help="url lists from CC3M/CC12M/RedCaps/YFCC14M/tables (Ray Data)")
+    p.add_argument("--source", action="append", required=True, metavar="KIND:PATHS",
+                   help="cc3m|cc12m|redcaps|yfcc14m|table and comma-separated files/globs (repeatable)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows-per-part", type=int, default=1_000_000)
+    p.add_argument("--url-column", default="url")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--yfcc-metadata", action="append", default=[])
+    p.set_defaults(func=cmd_sources)
+    p = dsub.add_parser("download", help="url list → webdataset shards with img2dataset, plus a manifest")
+    p.add_argument("url_list")
+    p.add_argument("out")
+    _download_options(p)
+    p.set_defaults(func=cmd_download)
+    p = dsub.add_parser("shapes", help="generate the shapes world, serve it on 127.0.0.1, download it into shards")
+    p.add_argument("out")
+    p.add_argument("--train", type=int, default=20000)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--classes", type=int, default=6)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve", choices=["http", "file"], default="http")
+    _download_options(p, image_size=64)
+    p.set_defaults(func=cmd_shapes)
+    p = dsub.add_parser("inspect", help="show a manifest (folder or manifest.json) or a shard's samples (.tar)")
+    p.add_argument("path")
+    p.add_argument("--limit", type=int, default=10)
+    p.set_defaults(func=cmd_inspect)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.data")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(["data", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
