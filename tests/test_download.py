@@ -1,0 +1,143 @@
+"""The download stage against a real HTTP server on 127.0.0.1, with real img2dataset and real tar shards."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines.download import DownloadSpec, download, read_manifest
+from pipelines.serve import QuietHandler, serve_directory
+from pipelines.shapes_world import ShapesWorld, write_train_images, write_url_list
+
+from conftest import REPO
+
+SLOW_SECONDS = 4
+
+
+class FaultyHandler(QuietHandler):
+    """Serves files; ``/slow/…`` answers after longer than the client's timeout; ``/drip/…`` is a little slow."""
+
+    def do_GET(self):
+        if self.path.startswith("/slow/"):
+            time.sleep(SLOW_SECONDS)
+            self.path = self.path[len("/slow"):]
+        elif self.path.startswith("/drip/"):
+            time.sleep(0.15)
+            self.path = self.path[len("/drip"):]
+        return super().do_GET()
+
+
+def _tar_samples(shards: Path) -> list[tuple[str, str]]:
+    """(key, caption) of every sample of every tar."""
+    out = []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name.endswith(".txt"):
+                    out.append((member.name[:-4], tar.extractfile(member).read().decode()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def www(tmp_path_factory):
+    root = tmp_path_factory.mktemp("www")
+    rows = write_train_images(ShapesWorld(seed=2), root, 40)
+    (root / "page.jpg").write_text("<html><body>not an image</body></html>")
+    good = (root / rows[0]["path"]).read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    return root, rows
+
+
+def test_failures_counted_exactly_in_the_manifest(www, tmp_path):
+    root, rows = www
+    with serve_directory(root, handler=FaultyHandler) as base:
+        good = [{"url": f"{base}/{r['path']}", "caption": r["caption"], "source": "shapes", "key": str(i)}
+                for i, r in enumerate(rows[:12])]
+        bad = [(f"{base}/missing.jpg", "404"), (f"{base}/also-missing.jpg", "404"), (f"{base}/page.jpg", "html"),
+               (f"{base}/truncated.jpg", "truncated"), (f"{base}/slow/{rows[0]['path']}", "slow")]
+        urls = good + [{"url": u, "caption": c, "source": "bad", "key": c + str(i)} for i, (u, c) in enumerate(bad)]
+        (tmp_path / "urls").mkdir()
+        pd.DataFrame(urls).to_parquet(tmp_path / "urls" / "part-00000.parquet")
+        manifest = download(tmp_path / "urls", tmp_path / "shards",
+                            DownloadSpec(image_size=64, number_sample_per_shard=8, processes_count=1, thread_count=8,
+                                         timeout=2))
+    assert manifest["attempted"] == 17 and manifest["samples"] == 12
+    assert manifest["failures"] == {"http_404": 2, "undecodable_image": 2, "timeout": 1}
+    assert manifest["success_rate"] == pytest.approx(12 / 17)
+    assert manifest["num_shards"] == 3 and manifest["unfinished_shards"] == []
+    assert read_manifest(tmp_path / "shards") == manifest  # the file on disk says the same
+    samples = _tar_samples(tmp_path / "shards")
+    assert sorted(c for _, c in samples) == sorted(r["caption"] for r in rows[:12])
+    assert sum(s["samples"] for s in manifest["shards"]) == len(samples)
+
+
+def test_killed_run_resumes_without_redoing_finished_shards(www, tmp_path):
+    root, rows = www
+    spec_args = ["--image-size", "64", "--per-shard", "5", "--processes", "1", "--threads", "1", "--timeout", "5"]
+    with serve_directory(root, handler=FaultyHandler) as base:
+        write_url_list(rows, base + "/drip", tmp_path / "urls")  # 40 images, 0.15 s each, 8 shards
+        env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.data", "download", str(tmp_path / "urls"),
+                                 str(tmp_path / "shards"), *spec_args], cwd=REPO, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list((tmp_path / "shards").glob("*_stats.json"))) < 2:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*_stats.json")}
+        assert 2 <= len(done_before) < 8, "the kill should land mid-way"
+        tars_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")
+                       if p.name.replace(".tar", "_stats.json") in done_before}
+        proc = subprocess.run([sys.executable, "-m", "jobs.data", "download", str(tmp_path / "urls"),
+                               str(tmp_path / "shards"), *spec_args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = read_manifest(tmp_path / "shards")
+    assert manifest["num_shards"] == 8 and manifest["samples"] == 40 and manifest["unfinished_shards"] == []
+    for name, mtime in done_before.items():  # finished shards were not redone
+        assert (tmp_path / "shards" / name).stat().st_mtime_ns == mtime
+    for name, mtime in tars_before.items():
+        assert (tmp_path / "shards" / name).stat().st_mtime_ns == mtime
+    samples = _tar_samples(tmp_path / "shards")
+    keys = [k for k, _ in samples]
+    assert len(keys) == len(set(keys)) == 40  # no duplicate keys
+    assert sorted(c for _, c in samples) == sorted(r["caption"] for r in rows)
+
+
+def test_bad_download_inputs(tmp_path):
+    with pytest.raises(ValueError, match="download.options.not_an_option"):
+        DownloadSpec(options={"not_an_option": 1})
+    with pytest.raises(ValueError, match="distributor"):
+        DownloadSpec(distributor="spark")
+    with pytest.raises(FileNotFoundError, match="no parquet parts"):
+        download(tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no shard manifest"):
+        read_manifest(tmp_path)
+
+
+def test_pgseg_data_shapes_over_file_urls_and_inspect(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    cmd = [sys.executable, "-m", "jobs.cli", "data"]
+    proc = subprocess.run([*cmd, "shapes", str(tmp_path / "world"), "--train", "24", "--val", "4", "--per-shard", "10",
+                           "--processes", "1", "--threads", "4", "--serve", "file"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "24 training pairs in 3 shard(s)" in proc.stdout
+    assert len((tmp_path / "world/val/ImageSets/Segmentation/val.txt").read_text().split()) == 4
+    urls = pd.read_parquet(tmp_path / "world/urls/part-00000.parquet")
+    assert urls.url.str.startswith("file://").all()
+    shown = subprocess.run([*cmd, "inspect", str(tmp_path / "world/shards/00000.tar"), "--limit", "3"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and len(shown.stdout.strip().splitlines()) == 3 and "jpg" in shown.stdout
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all")
+    bad = subprocess.run([*cmd, "inspect", str(tmp_path / "junk.tar")], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "not a readable tar shard" in bad.stderr
