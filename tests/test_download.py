@@ -1,6 +1,4 @@
 """The download stage against a real HTTP server on 127.0.0.1, with real img2dataset and real tar shards."""
-import io
-import json
 import os
 import signal
 import subprocess

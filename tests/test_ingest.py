@@ -2,7 +2,6 @@
 import io
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 
