@@ -128,6 +128,21 @@ def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float
     return TF.resized_crop(image, (height - side) // 2, (width - side) // 2, side, side, [size, size], antialias=True)
 
 
+def preprocess_image(data: bytes, size: int, min_scale: float, train: bool, rng: np.random.Generator) -> np.ndarray:
+    """Image bytes → [3, size, size] float32: RandomResizedCrop + flip in training (resize otherwise), ImageNet
+    normalisation. Raises on undecodable bytes."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if train:
+            im = random_resized_crop(im, size, (min_scale, 1.0), rng)
+            if rng.random() < 0.5:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+        arr = np.asarray(im, np.float32) / 255.0
+    return ((arr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)  # [3, S, S]
+
+
 class Preprocess:
     """The map_batches UDF: bytes → normalised CHW float32 images and CLIP tokens; bad rows dropped and counted."""
 
@@ -137,16 +152,7 @@ class Preprocess:
         self.rng: np.random.Generator | None = None  # made in the worker: every task gets its own stream
 
     def _image(self, data: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if self.train:
-                im = random_resized_crop(im, self.img_size, (self.min_scale, 1.0), self.rng)
-                if self.rng.random() < 0.5:
-                    im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            else:
-                im = im.resize((self.img_size, self.img_size), Image.Resampling.BICUBIC)
-            arr = np.asarray(im, np.float32) / 255.0
-        return ((arr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)  # [3, S, S]
+        return preprocess_image(data, self.img_size, self.min_scale, self.train, self.rng)
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         if self.rng is None:
