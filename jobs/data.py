@@ -62,6 +62,12 @@ def cmd_download(args: argparse.Namespace) -> int:
         _init_ray()
     manifest = download(args.url_list, args.out, spec)
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+    if args.track:
+        from pipelines.tracking import log_manifest
+
+        run_id = log_manifest(manifest, uri=args.track, params={"url_list": args.url_list, "output": args.out,
+                                                                "image_size": spec.image_size})
+        print(f"manifest logged to MLflow run {run_id} at {args.track}")
     return 0
 
 
@@ -147,6 +153,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("download", help="url list → webdataset shards with img2dataset, plus a manifest")
     p.add_argument("url_list")
     p.add_argument("out")
+    p.add_argument("--track", metavar="MLFLOW_URI", default=None,
+                   help="log the manifest to MLflow (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)")
     _download_options(p)
     p.set_defaults(func=cmd_download)
     p = dsub.add_parser("shapes", help="generate the shapes world, serve it on 127.0.0.1, download it into shards")

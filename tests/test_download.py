@@ -1,5 +1,6 @@
 """The download stage against a real HTTP server on 127.0.0.1, with real img2dataset and real tar shards."""
 import os
+import json
 import signal
 import subprocess
 import sys
@@ -139,3 +140,24 @@ def test_pgseg_data_shapes_over_file_urls_and_inspect(tmp_path):
     bad = subprocess.run([*cmd, "inspect", str(tmp_path / "junk.tar")], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "not a readable tar shard" in bad.stderr
+
+
+def test_manifest_logged_to_a_real_mlflow_server(www, tmp_path, mlflow_server):
+    import urllib.request
+
+    root, rows = www
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    with serve_directory(root) as base:
+        write_url_list(rows[:6] + [{"path": "missing.jpg", "caption": "gone"}], base, tmp_path / "urls")
+        proc = subprocess.run([sys.executable, "-m", "jobs.data", "download", str(tmp_path / "urls"),
+                               str(tmp_path / "shards"), "--image-size", "64", "--processes", "1", "--threads", "4",
+                               "--track", mlflow_server], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_id = proc.stdout.split("MLflow run ")[1].split()[0]
+    # read back over HTTP, through MLflow's REST API
+    with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30) as r:
+        run = json.loads(r.read())["run"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics["samples"] == 6 and metrics["attempted"] == 7 and metrics["failures.http_404"] == 1
+    assert metrics["success_rate"] == pytest.approx(6 / 7)
