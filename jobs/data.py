@@ -51,7 +51,8 @@ def _spec_from_args(args: argparse.Namespace):
         options[key] = yaml.safe_load(value)
     return DownloadSpec(image_size=args.image_size, number_sample_per_shard=args.per_shard,
                         processes_count=args.processes, thread_count=args.threads, timeout=args.timeout,
-                        distributor=args.distributor, shard_retries=args.shard_retries, options=options)
+                        distributor=args.distributor, shard_retries=args.shard_retries,
+                        shared_storage=args.shared_storage, options=options)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -133,6 +134,7 @@ def _download_options(p: argparse.ArgumentParser, image_size: int = 512) -> None
     p.add_argument("--timeout", type=int, default=10)
     p.add_argument("--distributor", choices=["multiprocessing", "ray"], default="multiprocessing")
     p.add_argument("--shard-retries", type=int, default=2)
+    p.add_argument("--shared-storage", action="store_true", help="the output folder is a mount every node sees")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other img2dataset.download argument (repeatable)")
 

@@ -38,6 +38,7 @@ class DownloadSpec:
     timeout: int = 10
     distributor: str = "multiprocessing"  # or "ray" (needs the output folder on shared storage)
     shard_retries: int = 2  # our retry rounds for shards that did not finish
+    shared_storage: bool = False  # the output folder is a mount every node sees (NFS, EFS, Lustre…)
     options: dict[str, Any] = field(default_factory=dict)  # any other img2dataset.download argument
 
     def __post_init__(self) -> None:
@@ -71,16 +72,17 @@ def failure_kind(message: str) -> str:
     return "other: " + message[:80]
 
 
-def _check_output_storage(output: Path, distributor: str) -> None:
+def _check_output_storage(output: str, spec: DownloadSpec) -> None:
     """The Ray distributor writes from every node: refuse a node-local folder on a multi-node cluster."""
-    if distributor != "ray":
+    if spec.distributor != "ray" or spec.shared_storage or "://" in output:
         return
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and "://" not in str(output):
-        raise ValueError(f"download.distributor=ray on a {len(nodes)}-node cluster needs the output on shared "
-                         f"storage (s3://, gs://, or a shared mount given as a URI); {output} is node-local")
+    if len(nodes) > 1:
+        raise ValueError(f"download.distributor=ray on a {len(nodes)}-node cluster writes shards from every node, "
+                         f"so {output} must be shared storage: use s3://… or gs://…, or, if it is a mount every "
+                         f"node sees, say so with shared_storage=true (--shared-storage)")
 
 
 def _expected_shards(url_list: Path, per_shard: int) -> int:
@@ -131,10 +133,10 @@ def download(url_list: str | Path, output: str | Path, spec: DownloadSpec | None
     import img2dataset
 
     spec = spec or DownloadSpec()
+    _check_output_storage(str(output), spec)
     url_list, output = Path(url_list), Path(output)
     if not url_list.is_dir() or not list(url_list.glob("*.parquet")):
         raise FileNotFoundError(f"url list {url_list}: no parquet parts (run `pgseg data sources` first)")
-    _check_output_storage(output, spec.distributor)
     output.mkdir(parents=True, exist_ok=True)
     expected = _expected_shards(url_list, spec.number_sample_per_shard)
     kwargs = dict(

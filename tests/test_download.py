@@ -161,3 +161,36 @@ def test_manifest_logged_to_a_real_mlflow_server(www, tmp_path, mlflow_server):
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert metrics["samples"] == 6 and metrics["attempted"] == 7 and metrics["failures.http_404"] == 1
     assert metrics["success_rate"] == pytest.approx(6 / 7)
+
+
+MULTI_NODE = """
+import sys
+import ray
+from ray.cluster_utils import Cluster
+from pipelines.download import DownloadSpec, download
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+try:
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    try:
+        download(sys.argv[1], sys.argv[2], DownloadSpec(distributor="ray"))
+    except ValueError as exc:
+        print("REFUSED:", exc)
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_ray_distributor_refuses_node_local_output_on_a_multi_node_cluster(tmp_path):
+    """Two real raylets on this machine form a 2-node cluster; a node-local output folder is refused."""
+    (tmp_path / "urls").mkdir()
+    pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["x"], "source": ["s"], "key": ["k"]}).to_parquet(
+        tmp_path / "urls/part-00000.parquet")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run([sys.executable, "-c", MULTI_NODE, str(tmp_path / "urls"), str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "REFUSED:" in proc.stdout and "2-node cluster" in proc.stdout and "shared storage" in proc.stdout, \
+        proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing written
