@@ -54,6 +54,19 @@ def shard_list(sources: list[str]) -> list[str]:
     return out
 
 
+def manifest_samples(sources: list[str]) -> int | None:
+    """Samples per epoch from the shard manifests of ``sources`` (None when a source has no manifest)."""
+    from pipelines.download import MANIFEST, read_manifest
+
+    total = 0
+    for src in sources:
+        path = Path(src)
+        if not ((path.is_dir() and (path / MANIFEST).is_file()) or path.name == MANIFEST):
+            return None
+        total += int(read_manifest(path)["samples"])
+    return total
+
+
 def epoch_shards(sources: list[list[str]], weights: list[float] | None, epoch: int, seed: int) -> list[str]:
     """The shard order of one epoch: shuffled with (seed, epoch); with weights, each source contributes shards in
     proportion to its weight (sampled with replacement when it has fewer than its share)."""

@@ -205,8 +205,10 @@ def write_train_images(world: ShapesWorld, out_dir: str | Path, count: int) -> l
     """Write ``count`` training images as JPEG files; returns rows {path, caption} (path relative to out_dir)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
     rows = []
-    for i in range(count):
+    for i in tqdm(range(count), desc="shapes world: training images", disable=count < 1000, unit="img"):
         sample = world.sample("train", i)
         rel = f"images/{i:08d}.jpg"
         _atomic_bytes(out / rel, _encode(sample.image, "JPEG", quality=95))

@@ -76,6 +76,16 @@ def test_epoch_shard_order_is_seeded_and_weights_mix_sources():
     assert sum(s.startswith("a") for s in mixed) == 6 and sum(s.startswith("b") for s in mixed) == 6
 
 
+def test_epoch_size_from_the_manifest(tmp_path):
+    from pipelines.download import write_manifest
+    from pipelines.ingest import manifest_samples
+
+    write_manifest(tmp_path, {"shards": [{"tar": "00000.tar", "samples": 7, "attempted": 9}], "samples": 7})
+    (tmp_path / "00000.tar").write_bytes(b"")
+    assert manifest_samples([str(tmp_path)]) == 7 and shard_list([str(tmp_path)]) == [str(tmp_path / "00000.tar")]
+    assert manifest_samples([str(tmp_path / "*.tar")]) is None
+
+
 def test_missing_shards_are_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards"):
         shard_list([str(tmp_path / "*.tar")])
