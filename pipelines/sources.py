@@ -149,7 +149,9 @@ def _yfcc_subset_ids(spec: SourceSpec) -> np.ndarray:
     return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
 
 
-def _yfcc_lines(batch: pd.DataFrame, spec: SourceSpec, ids: np.ndarray) -> pd.DataFrame:
+def _yfcc_lines(batch: pd.DataFrame, spec: SourceSpec, ids: Any) -> pd.DataFrame:
+    if isinstance(ids, ray.ObjectRef):
+        ids = ray.get(ids)  # the sorted subset ids, shared through the object store (zero-copy)
     out = []
     need = max(spec.yfcc_id_column, spec.yfcc_description_column, spec.yfcc_url_column, spec.yfcc_marker_column)
     for line in batch["text"]:
@@ -187,7 +189,7 @@ def read_source(spec: SourceSpec) -> ray.data.Dataset:
         return ray.data.read_binary_files(files, include_paths=True).flat_map(_redcaps_files,
                                                                                fn_kwargs={"source": spec.label})
     if spec.kind == "yfcc14m":
-        ids = _yfcc_subset_ids(spec)
+        ids = ray.put(_yfcc_subset_ids(spec))  # ~14 M ids: one copy in the object store, not one per task
         return ray.data.read_text(expand(spec.yfcc_metadata)).map_batches(
             _yfcc_lines, fn_kwargs={"spec": spec, "ids": ids}, batch_format="pandas")
     readers = {".parquet": ray.data.read_parquet, ".csv": ray.data.read_csv}
