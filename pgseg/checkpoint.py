@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +21,10 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save_file as save_safetensors
+from safetensors.torch import save as save_safetensors_bytes
 
 from .config import Config, dump_config, load_config
+from .fileio import atomic_write_bytes
 
 FORMAT = "pgseg-v1"
 
@@ -252,26 +251,14 @@ def load_released(model: torch.nn.Module, path: str | Path, source: str = "pgseg
 
 
 # -------------------------------------------------------------------------------------------------- our format
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
 def save_model(model: torch.nn.Module, config: Config, path: str | Path) -> Path:
     """Write the model's tensors and its config to one ``.safetensors`` file, atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: our model files end in .safetensors")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        save_safetensors(tensors, tmp, metadata={"format": FORMAT, "config": dump_config(config)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata={"format": FORMAT,
+                                                                              "config": dump_config(config)}))
 
 
 def read_model_config(path: str | Path) -> Config:

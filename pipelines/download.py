@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgseg.fileio import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -121,11 +123,7 @@ def build_manifest(output: Path) -> dict[str, Any]:
 
 
 def write_manifest(output: Path, manifest: dict[str, Any]) -> Path:
-    path = output / MANIFEST
-    tmp = output / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(Path(output) / MANIFEST, manifest)
 
 
 def download(url_list: str | Path, output: str | Path, spec: DownloadSpec | None = None) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pgseg.fileio import atomic_write_bytes
+
 ALL_CLASSES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart")
 # hue (degrees) of each class's colour family
 HUES = {"circle": 0, "square": 120, "triangle": 220, "star": 55, "hexagon": 290, "diamond": 170, "cross": 30,
@@ -189,12 +191,6 @@ def _voc_palette() -> list[int]:
 VOC_PALETTE = _voc_palette()
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kw)
@@ -211,7 +207,7 @@ def write_train_images(world: ShapesWorld, out_dir: str | Path, count: int) -> l
     for i in tqdm(range(count), desc="shapes world: training images", disable=count < 1000, unit="img"):
         sample = world.sample("train", i)
         rel = f"images/{i:08d}.jpg"
-        _atomic_bytes(out / rel, _encode(sample.image, "JPEG", quality=95))
+        atomic_write_bytes(out / rel, _encode(sample.image, "JPEG", quality=95))
         rows.append({"path": rel, "caption": world.caption("train", i, sample.names)})
     return rows
 
@@ -225,13 +221,13 @@ def write_voc_val(world: ShapesWorld, out_dir: str | Path, count: int) -> Path:
     for i in range(count):
         sample = world.sample("val", i)
         name = f"shapes_{i:06d}"
-        _atomic_bytes(root / "JPEGImages" / f"{name}.jpg", _encode(sample.image, "JPEG", quality=95))
+        atomic_write_bytes(root / "JPEGImages" / f"{name}.jpg", _encode(sample.image, "JPEG", quality=95))
         palette = Image.fromarray(sample.mask, mode="P")
         palette.putpalette(VOC_PALETTE)
-        _atomic_bytes(root / "SegmentationClass" / f"{name}.png", _encode(palette, "PNG"))
+        atomic_write_bytes(root / "SegmentationClass" / f"{name}.png", _encode(palette, "PNG"))
         ids.append(name)
-    _atomic_bytes(root / "ImageSets/Segmentation/val.txt", ("\n".join(ids) + "\n").encode())
-    _atomic_bytes(root / "class_names.txt", ("\n".join(("background", *world.classes)) + "\n").encode())
+    atomic_write_bytes(root / "ImageSets/Segmentation/val.txt", ("\n".join(ids) + "\n").encode())
+    atomic_write_bytes(root / "class_names.txt", ("\n".join(("background", *world.classes)) + "\n").encode())
     return root
 
 
@@ -248,7 +244,7 @@ def write_url_list(rows: list[dict[str, str]], base_url: str, out_dir: str | Pat
     urls = [f"{base}/{r['path']}" for r in rows]
     frame = pd.DataFrame({"url": urls, "caption": [r["caption"] for r in rows], "source": "shapes",
                           "key": [hashlib.sha1(u.encode()).hexdigest()[:16] for u in urls]})
-    tmp = out / ".part-00000.parquet.tmp"
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(out / "part-00000.parquet")
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(out / "part-00000.parquet", buf.getvalue())
     return out

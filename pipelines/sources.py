@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 import ray
 
+from pgseg.fileio import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 KINDS = ("cc3m", "cc12m", "redcaps", "yfcc14m", "table")
@@ -265,12 +267,6 @@ class SourcesReport:
         return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
 def build_url_list(specs: list[SourceSpec], out_dir: str | Path, *, seed: int = 0,
                    rows_per_part: int = 1_000_000) -> SourcesReport:
     """Read, clean, deduplicate, shuffle and write the url list of ``specs`` to ``out_dir`` (replaced atomically)."""
@@ -308,7 +304,7 @@ def build_url_list(specs: list[SourceSpec], out_dir: str | Path, *, seed: int = 
         parts.append(f"part-{i:05d}.parquet")
     total = {k: sum(c[k] for c in counts.values()) for k in ("read", *RULES, "written")}
     report = SourcesReport(counts, total, str(out), parts)
-    write_json_atomic(staging / "sources_report.json", {"counts": counts, "total": total, "parts": parts, "seed": seed})
+    atomic_write_json(staging / "sources_report.json", {"counts": counts, "total": total, "parts": parts, "seed": seed})
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
