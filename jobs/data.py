@@ -3,20 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tarfile
 from pathlib import Path
 
 import yaml
 
-
-def _init_ray() -> None:
-    """Attach to the cluster of a Ray job (RAY_ADDRESS) or start an embedded local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+from .runtime import init_ray
 
 
 def _source_spec(text: str, args: argparse.Namespace):
@@ -33,7 +26,7 @@ def cmd_sources(args: argparse.Namespace) -> int:
     from pipelines.sources import build_url_list
 
     specs = [_source_spec(s, args) for s in args.source]
-    _init_ray()
+    init_ray()
     report = build_url_list(specs, args.out, seed=args.seed, rows_per_part=args.rows_per_part)
     print(report.text())
     print(f"url list: {args.out} ({len(report.parts)} parquet part(s))")
@@ -60,7 +53,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     spec = _spec_from_args(args)
     if spec.distributor == "ray":
-        _init_ray()
+        init_ray()
     manifest = download(args.url_list, args.out, spec)
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
     if args.track:

@@ -250,6 +250,22 @@ def load_released(model: torch.nn.Module, path: str | Path, source: str = "pgseg
     return report
 
 
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> KeyReport:
+    """Initialise ``model`` from a released PGSeg or GroupViT checkpoint or one of our model files (the layout is
+    told by its keys: a file without PG units initialises everything but them, as the official recipe does)."""
+    state_dict = extract_state_dict(read_checkpoint_file(path), str(path))
+    own_npr = any(k.startswith(PGSEG_ONLY) for k in model.state_dict())
+    file_npr = any(k.startswith(PGSEG_ONLY) for k in state_dict)
+    source = "pgseg-official" if file_npr and own_npr else "groupvit-official"
+    if file_npr and not own_npr:  # a PGSeg file into a GroupViT model: its PG units have nowhere to go
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PGSEG_ONLY)}
+    converted, report = convert_released(state_dict, model, source)
+    if not report.ok:
+        raise CheckpointError(f"{path}: cannot initialise this model from it:\n{report.text()}")
+    model.load_state_dict(converted, strict=False)
+    return report
+
+
 # -------------------------------------------------------------------------------------------------- our format
 def save_model(model: torch.nn.Module, config: Config, path: str | Path) -> Path:
     """Write the model's tensors and its config to one ``.safetensors`` file, atomically."""

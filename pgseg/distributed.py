@@ -5,9 +5,14 @@ Outside an initialised process group every function is the identity of a world o
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+
+# its suggested replacement is private API; the autograd all_gather stays the public way to gather with gradient
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 def is_distributed() -> bool:

@@ -13,6 +13,7 @@ import io
 import logging
 import random
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,18 +158,34 @@ def preprocess_image(data: bytes, size: int, min_scale: float, train: bool, rng:
 
 
 class Preprocess:
-    """The map_batches UDF: bytes → normalised CHW float32 images and CLIP tokens; bad rows dropped and counted."""
+    """The map_batches UDF: bytes → normalised CHW float32 images and CLIP tokens (and, for GroupViT's multi-label
+    loss, K noun prompts per caption); bad rows dropped and counted."""
 
-    def __init__(self, img_size: int, context_length: int, min_scale: float, counter: Any, train: bool = True):
+    def __init__(self, img_size: int, context_length: int, min_scale: float, counter: Any, train: bool = True,
+                 multi_label: int = 0, noun_vocabulary: str | None = None, seed: int | None = None):
         self.img_size, self.context_length, self.min_scale = img_size, context_length, min_scale
         self.counter, self.train = counter, train
+        self.multi_label, self.noun_vocabulary, self.seed = multi_label, noun_vocabulary, seed
         self.rng: np.random.Generator | None = None  # made in the worker: every task gets its own stream
+        self.vocabulary = None
 
     def _image(self, data: bytes) -> np.ndarray:
         return preprocess_image(data, self.img_size, self.min_scale, self.train, self.rng)
 
+    def _nouns(self, captions: list[str], rng: random.Random) -> np.ndarray:
+        from pgseg.text import IMAGENET_TEMPLATES, NounVocabulary, noun_prompts
+
+        if self.vocabulary is None:
+            self.vocabulary = NounVocabulary.from_file(self.noun_vocabulary)
+        prompts = [p for c in captions for p in noun_prompts(c, self.vocabulary, self.multi_label,
+                                                             IMAGENET_TEMPLATES, rng)]
+        return tokenize(prompts, self.context_length).numpy().reshape(len(captions), self.multi_label, -1)
+
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        if self.rng is None:
+        if self.seed is not None:  # reproducible: the stream follows the batch's own keys, not the task
+            keys = "".join(str(k) for k in batch.get("__key__", pd.Series(dtype=object)).tolist())
+            self.rng = np.random.default_rng([self.seed, zlib.crc32(keys.encode())])
+        elif self.rng is None:
             self.rng = np.random.default_rng()
         skips: Counter[str] = Counter()
         images, captions = [], []
@@ -192,12 +209,15 @@ class Preprocess:
             captions.append(caption)
         if skips:
             ray.get(self.counter.add.remote(dict(skips)))  # exact: counted before this batch is handed on
-        s = self.img_size
-        return {
+        s, length = self.img_size, self.context_length
+        out = {
             "image": np.stack(images) if images else np.zeros((0, 3, s, s), np.float32),
-            "tokens": tokenize(captions, self.context_length).numpy() if captions
-            else np.zeros((0, self.context_length), np.int64),
+            "tokens": tokenize(captions, length).numpy() if captions else np.zeros((0, length), np.int64),
         }
+        if self.multi_label > 0:
+            rng = random.Random(int(self.rng.integers(2**63)))
+            out["nouns"] = self._nouns(captions, rng) if captions else np.zeros((0, self.multi_label, length), np.int64)
+        return out
 
 
 @dataclass
@@ -210,7 +230,10 @@ class Ingest:
     min_scale: float = 0.08
     weights: list[float] | None = None
     seed: int = 0
-    train: bool = True
+    train: bool = True  # random crops and flips (False: resize only)
+    multi_label: int = 0  # K noun prompts per caption (GroupViT's multi-label loss)
+    noun_vocabulary: str | None = None
+    deterministic: bool = False  # seeded augmentation (per batch of keys) and ordered reading
 
     def __post_init__(self) -> None:
         self.counter = SkipCounter.remote()
@@ -223,7 +246,8 @@ class Ingest:
         shards = epoch_shards(self.sources, self.weights, epoch, self.seed) if self.train else \
             [s for g in self.sources for s in g]
         ds = ray.data.read_datasource(_hardened_datasource(shards))
-        udf = Preprocess(self.img_size, self.context_length, self.min_scale, self.counter, self.train)
+        udf = Preprocess(self.img_size, self.context_length, self.min_scale, self.counter, self.train,
+                         self.multi_label, self.noun_vocabulary, self.seed + epoch if self.deterministic else None)
         return ds.map_batches(udf, batch_format="pandas", batch_size=256)
 
     def skips(self) -> dict[str, int]:

@@ -38,7 +38,8 @@ def ray_local():
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+    # the dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner polls
+    ray.init(num_cpus=2, log_to_driver=False, logging_level=logging.ERROR,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     assert ray.util.get_node_ip_address() == "127.0.0.1"

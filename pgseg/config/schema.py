@@ -238,6 +238,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     seed: int = 0
     samples_per_epoch: int | None = None  # None = from the shard manifest
+    augment: bool = True  # RandomResizedCrop + flip in training (False: resize only, e.g. pre-cropped data)
 
     def validate(self, key: str) -> None:
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -270,7 +271,13 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "pgseg"
-    run_name: str | None = None
+    run_name: str | None = None  # MLflow run name (default: train.name)
+    log_every: int = 10  # steps between metric flushes to MLflow (and metric reports to Ray Train)
+    log_model: bool = True  # the final model (.safetensors) as an MLflow artifact
+
+    def validate(self, key: str) -> None:
+        _require(self.log_every >= 1, f"{key}.log_every", f"must be >= 1, got {self.log_every}")
+        _require(bool(self.uri), f"{key}.uri", "must not be empty (default sqlite:///mlflow.db)")
 
 
 @dataclass
@@ -286,10 +293,17 @@ class TrainConfig:
     storage_path: str = "runs"
     init_from: str | None = None  # a checkpoint to initialise from (e.g. GroupViT for the official recipe)
     nonfinite: Literal["skip", "stop"] = "skip"
+    name: str | None = None  # the run's name in storage_path: the same name again continues that run
+    accelerator_type: str | None = None  # Ray accelerator type for the workers, e.g. A100
+    stop_after: int | None = None  # end this invocation after this global step (with a checkpoint); schedule unchanged
+    deterministic: bool = False  # ordered data, seeded augmentation, deterministic kernels: reproducible runs
 
     def validate(self, key: str) -> None:
         _require(self.workers >= 1, f"{key}.workers", f"must be >= 1, got {self.workers}")
         _require(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
+        _require(self.stop_after is None or self.stop_after >= 1, f"{key}.stop_after", "must be >= 1")
+        _require(self.name is None or (bool(self.name.strip()) and "/" not in self.name), f"{key}.name",
+                 f"must be a non-empty name without '/', got {self.name!r}")
         _require(self.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be >= 1")
         _require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
         _require(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1: unlimited)")
@@ -315,5 +329,6 @@ class Config:
         self.schedule.validate("schedule")
         self.data.validate("data")
         self.eval.validate("eval")
+        self.tracking.validate("tracking")
         self.train.validate("train")
         return self
