@@ -200,7 +200,7 @@ def state_digests(model: torch.nn.Module) -> dict[str, str]:
         kind = "prototypes" if name.endswith(".mu") else "parameters" if name in parameters else None
         if kind:
             digests[kind].update(name.encode())
-            digests[kind].update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digests[kind].update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return {k: v.hexdigest() for k, v in digests.items()}
 
 
@@ -217,14 +217,97 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # "loss" and each "loss/<term>", averaged over ranks
+    metrics: dict[str, torch.Tensor]  # the model's detached scalars (this rank)
+    grad_norm: float
+    finite: bool
+    seconds: dict[str, float]  # "time/compute" (forward + backward), "time/optim"
+
+
+class Stepper:
+    """One rank's model, optimiser, schedule and scaler, and the training step: plain PyTorch, no Ray (the Ray
+    Train loop and the benchmarks' plain-process loop run this same step). ``wrap`` wraps the model for DDP."""
+
+    def __init__(self, config: Config, steps_per_epoch: int, device: torch.device, *, rank: int = 0,
+                 world: int = 1, init: bool = True, wrap: Any = None):
+        from pgseg.checkpoint import init_from_checkpoint
+        from pgseg.model import PGSeg
+
+        self.config, self.steps_per_epoch, self.device, self.rank, self.world = config, steps_per_epoch, device, rank, world
+        t = config.train
+        torch.manual_seed(t.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+        model = PGSeg.from_config(config)
+        if init and t.init_from:
+            report = init_from_checkpoint(model, t.init_from)
+            if rank == 0:
+                log.info("initialised from %s:\n%s", t.init_from, report.text())
+        if t.use_gpu and world > 1:  # batch statistics of the projectors over the global batch (CUDA only)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        torch.manual_seed(t.seed * 1000 + rank)  # Gumbel noise and dropout differ across ranks
+        npr = config.npr.resolved()
+        delayed = npr.enabled and (npr.start_epoch > 0 or npr.start_step > 0)  # the graph grows when NPR starts
+        self.net = wrap(self.model, find_unused_parameters=delayed) if wrap else self.model
+        self.global_batch = 0
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        out = all_gather_with_grad(x)
+        if not self.global_batch:  # the first gather of a step is the image-text loss's: what it compared against
+            self.global_batch = out.shape[0]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int, *, poison: bool = False) -> StepResult:
+        """Forward, backward, a finite check agreed by all ranks, clip, optimiser step, prototype EMA."""
+        t0 = time.perf_counter()
+        self.net.train()
+        self.global_batch = 0
+        self.scheduler.step_update(step)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.net(batch["image"], batch["tokens"], noun_tokens=batch.get("nouns"), step=step,
+                           epoch=step // self.steps_per_epoch, gather=self._gather, rank=self.rank,
+                           mean=all_reduce_mean)
+        loss = out.loss * float("nan") if poison else out.loss
+        self.scaler.scale(loss).backward()
+        t1 = time.perf_counter()
+        losses = all_reduce_mean(torch.stack([loss.detach().float(), *(v.float() for v in out.terms.values())]))
+        finite = bool(torch.isfinite(losses[0]))  # the same on every rank: the mean over ranks
+        grad_norm = float("nan")
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip or math.inf))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.model.ema_step(out.prototypes, all_reduce_mean)
+        self.optimizer.zero_grad(set_to_none=True)
+        values = losses.tolist()
+        return StepResult({"loss": values[0], **{f"loss/{k}": v for k, v in zip(out.terms, values[1:])}},
+                          out.metrics, grad_norm, finite,
+                          {"time/compute": t1 - t0, "time/optim": time.perf_counter() - t1})
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker: build, restore, train, checkpoint, report."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from pgseg.checkpoint import init_from_checkpoint
-    from pgseg.model import PGSeg
     from pipelines.tracking import MetricLogger
 
     config = load_config(loop["config"])
@@ -235,110 +318,73 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-    torch.manual_seed(t.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
-    model = PGSeg.from_config(config)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and t.init_from:
-        report = init_from_checkpoint(model, t.init_from)
-        if rank == 0:
-            log.info("initialised from %s:\n%s", t.init_from, report.text())
-    if t.use_gpu and world > 1:  # batch statistics of the projectors over the global batch (CUDA only)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+
+    def wrap(model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp_kwargs)
+
+    stepper = Stepper(config, steps_per_epoch, device, rank=rank, world=world, init=checkpoint is None, wrap=wrap)
     step, in_pass, nonfinite = 0, 0, 0
-    torch.manual_seed(t.seed * 1000 + rank)  # Gumbel noise and dropout differ across ranks
     if checkpoint is not None:
         state, rng = _load_state(checkpoint, rank)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        stepper.load_state_dict(state)
         step, in_pass, nonfinite = state["step"], state["batches_in_pass"], state["nonfinite_steps"]
         if rng is not None and state["world_size"] == world:
             _set_rng_state(rng)
         if rank == 0:
             log.info("resumed at step %d of %d", step, total)
-    npr = config.npr.resolved()
-    delayed = npr.enabled and (npr.start_epoch > 0 or npr.start_step > 0)
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False,
-                                        parallel_strategy_kwargs={"find_unused_parameters": delayed})
-    params = [p for p in model.parameters() if p.requires_grad]
     faults = parse_faults(loop.get("faults"))
     metrics_log = MetricLogger(loop["tracking_uri"], loop["run_id"], config.tracking.log_every) \
         if rank == 0 and loop.get("run_id") else None
     counter = loop.get("skip_counter")
-
-    gathered = [0]
-
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        out = all_gather_with_grad(x)
-        gathered[0] = out.shape[0]
-        return out
-
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, data.batch_size, data.shuffle_buffer, data.seed if t.deterministic else None, device,
-                       skip=in_pass if t.deterministic else 0)
+    batches = _batches(ray.train.get_dataset_shard("train"), data.batch_size, data.shuffle_buffer,
+                       data.seed if t.deterministic else None, device, skip=in_pass if t.deterministic else 0)
     stop_at = min(total, t.stop_after or total)
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
-    stopped: str | None = None
-    ddp.train()
+
+    def save(metrics: dict[str, Any], at_step: int, consumed: int) -> None:
+        """Report ``metrics`` with a checkpoint: rank 0 writes the training state, every rank its RNG and digests."""
+        if metrics_log is not None:
+            metrics_log.flush()
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                torch.save({**stepper.state_dict(), "step": at_step, "epoch": at_step // steps_per_epoch,
+                            "batches_in_pass": consumed, "nonfinite_steps": nonfinite, "world_size": world,
+                            "config": dump_config(config)}, Path(folder) / STATE_FILE)
+            torch.save({"rng": _rng_state(), "digests": state_digests(stepper.model)},
+                       Path(folder) / RANK_FILE.format(rank=rank))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"checkpoint_step{at_step:09d}")
+
     while step < stop_at:
-        epoch = step // steps_per_epoch
         t0 = time.perf_counter()
         batch, in_pass = next(batches)
-        t1 = time.perf_counter()
-        scheduler.step_update(step)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = ddp(batch["image"], batch["tokens"], noun_tokens=batch.get("nouns"), step=step, epoch=epoch,
-                      gather=gather, rank=rank, mean=all_reduce_mean)
-        loss = out.loss
-        if faults.get("nan", (-1,))[0] == step:
-            loss = loss * float("nan")
-        scaler.scale(loss).backward()
-        t2 = time.perf_counter()
-        losses = all_reduce_mean(torch.stack([loss.detach().float(), *(v.float() for v in out.terms.values())]))
-        finite = bool(torch.isfinite(losses[0]))  # the same on every rank: the mean over ranks
-        if finite:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            getattr(ddp, "module", ddp).ema_step(out.prototypes, all_reduce_mean)
-        else:
-            nonfinite += 1
-            grad_norm = torch.tensor(float("nan"))
-            log.warning("non-finite loss at step %d (epoch %d): %s", step, epoch,
-                        "step skipped" if t.nonfinite == "skip" else "stopping")
-            if t.nonfinite == "stop":
-                stopped = f"non-finite loss at step {step}"
-        optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        for key, value in (("time/data", t1 - t0), ("time/compute", t2 - t1), ("time/optim", t3 - t2)):
+        timing["time/data"] += time.perf_counter() - t0
+        result = stepper(batch, step, poison=faults.get("nan", (-1,))[0] == step)
+        for key, value in result.seconds.items():
             timing[key] += value
         window_steps += 1
-        if stopped:
-            ray.train.report({"step": step, "stopped": stopped, "nonfinite_steps": nonfinite})
-            break
+        if not result.finite:
+            nonfinite += 1
+            log.warning("non-finite loss at step %d: %s", step, "step skipped" if t.nonfinite == "skip" else "stopping")
+            if t.nonfinite == "stop":  # a checkpoint of the last good state (this step changed nothing) says why
+                save({"step": step, "stopped": f"non-finite loss at step {step}", "nonfinite_steps": nonfinite},
+                     step, in_pass)
+                break
         step += 1
         if "kill" in faults and faults["kill"] == (step, rank):
             _kill_once(Path(loop["fault_marker_dir"]) / f"kill-{step}-{rank}")
-        at_epoch_end = step % steps_per_epoch == 0
-        save = step % t.checkpoint_every == 0 or at_epoch_end or step == stop_at
-        if not (save or step % config.tracking.log_every == 0):
+        checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at
+        if not (checkpoint_now or step % config.tracking.log_every == 0):
             continue
         now = time.perf_counter()
-        metrics: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
-                                   "loss": float(losses[0]), "grad_norm": float(grad_norm),
-                                   "global_batch": gathered[0], "nonfinite_steps": nonfinite,
+        metrics: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch,
+                                   "lr": stepper.optimizer.param_groups[0]["lr"], **result.losses,
+                                   "grad_norm": result.grad_norm, "global_batch": stepper.global_batch,
+                                   "nonfinite_steps": nonfinite,
                                    "images_per_s": window_steps * data.batch_size * world / (now - window_start)}
-        metrics.update({f"loss/{k}": float(v) for k, v in zip(out.terms, losses[1:].tolist())})
-        metrics.update({k: float(v) for k, v in out.metrics.items()})
+        metrics.update({k: float(v) for k, v in result.metrics.items()})
         metrics.update({k: v / window_steps for k, v in timing.items()})
         if rank == 0 and counter is not None:
             metrics.update({f"skips/{k}": v for k, v in ray.get(counter.totals.remote()).items()})
@@ -346,22 +392,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         window_start, window_steps = now, 0
         if metrics_log is not None:
             metrics_log.log(step, {k: v for k, v in metrics.items() if k != "step"})
-        if not save:
+        if checkpoint_now:
+            save(metrics, step, in_pass + 1)
+        else:
             ray.train.report(metrics)
-            continue
-        if metrics_log is not None:
-            metrics_log.flush()
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                torch.save({"model": getattr(ddp, "module", ddp).state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                            "epoch": step // steps_per_epoch, "batches_in_pass": in_pass + 1,
-                            "nonfinite_steps": nonfinite, "world_size": world,
-                            "config": dump_config(config)}, Path(folder) / STATE_FILE)
-            torch.save({"rng": _rng_state(), "digests": state_digests(getattr(ddp, "module", ddp))},
-                       Path(folder) / RANK_FILE.format(rank=rank))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"checkpoint_step{step:09d}")
     if metrics_log is not None:
         metrics_log.flush()
 

@@ -87,3 +87,20 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """The shapes world made the product's way: images written, listed as file:// URLs, downloaded into webdataset
+    shards by img2dataset (with a manifest); plus its VOC-format validation set."""
+    from pipelines.download import DownloadSpec, download
+    from pipelines.shapes_world import ShapesWorld, write_train_images, write_url_list, write_voc_val
+
+    root = tmp_path_factory.mktemp("shapes")
+    world = ShapesWorld(num_classes=4, image_size=64, seed=1)
+    rows = write_train_images(world, root / "www", 512)
+    write_url_list(rows, (root / "www").resolve().as_uri(), root / "urls")
+    manifest = download(root / "urls", root / "shards", DownloadSpec(image_size=64, number_sample_per_shard=128,
+                                                                     processes_count=1, thread_count=8))
+    assert manifest["samples"] == 512, manifest
+    return {"root": root, "shards": root / "shards", "val": write_voc_val(world, root / "val", 8), "world": world}

@@ -11,9 +11,17 @@ Both return what scipy returns, ties included (the released code's T-NPR cost ma
 """
 from __future__ import annotations
 
+import os
+
 import numba
-import numpy as np
-import torch
+
+if os.environ.get("NUMBA_THREADING_LAYER") is None:
+    # numba's OpenMP layer would reset the process-wide OpenMP thread count that torch also uses (a 1-CPU Ray
+    # worker would then run torch on every core); the workqueue layer keeps to itself
+    numba.config.THREADING_LAYER = "workqueue"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 _INF = float("inf")
 
@@ -191,6 +199,8 @@ def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False) -> tuple[t
     if maximize:
         work = -work
     if work.device.type == "cpu":
+        # as many threads as torch may use here (a Ray worker with 1 CPU gets 1): idle pool threads would spin
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         col4row = torch.from_numpy(_solve_batch_cpu(np.ascontiguousarray(work.numpy())))
     else:
         col4row = _solve_wide(work.contiguous())  # [B, min(R, C)]

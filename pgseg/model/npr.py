@@ -34,7 +34,7 @@ def em_prototypes(v: torch.Tensor, mu: torch.Tensor, iters: int, norm_dim: int =
     ``v`` [B, N, C] tokens (not normalised); ``mu`` [1 or B, G, C]. ``norm_dim`` is where P is L2-normalised:
     2 (each prototype, image NPR) or 1 (across the prototypes, text NPR whose C is 1).
     """
-    with torch.autocast(device_type=v.device.type, enabled=False):
+    with torch.autocast(device_type=v.device.type, enabled=False), torch.profiler.record_function("npr.em"):
         v = v.float()
         p = mu.float().expand(v.shape[0], -1, -1)
         z = v.new_zeros(v.shape[0], v.shape[1], p.shape[1])
@@ -189,7 +189,10 @@ def pg_loss(centres: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor
     """
     g = normalize(centres.float(), dim=-1, grad_eps=grad_eps)  # [B, G, C]
     p = F.normalize(prototypes.detach().float(), dim=-1)  # [B, M, C]
-    rows, cols = linear_sum_assignment(g.detach() @ p.transpose(1, 2), maximize=maximize)  # [B, K] 3. matching
+    with torch.profiler.record_function("npr.matching"):  # 3. matching: [B, K] row and column indices
+        # a non-finite feature makes the loss non-finite (the trainer skips or stops); matching must not fail first
+        similarity = torch.nan_to_num(g.detach() @ p.transpose(1, 2), nan=0.0, posinf=1.0, neginf=-1.0)
+        rows, cols = linear_sum_assignment(similarity, maximize=maximize)
     g_pair, p_pair = _gather_rows(g, rows), _gather_rows(p, cols)  # [B, K, C]
     logits_g2p = scale * (g_pair @ p.transpose(1, 2))  # [B, K, M]
     logits_p2g = scale * (p_pair @ g.transpose(1, 2))  # [B, K, G]

@@ -1,0 +1,187 @@
+"""Training on Ray Train V2 with real parts: a local Ray cluster on 127.0.0.1, shapes-world shards made by
+img2dataset, a real `mlflow server`, and (in test_train_job.py) `ray start --head` + `ray job submit`."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from pgseg.config import ConfigError, load_config
+from pipelines.train import (STATE_FILE, TrainingError, build_optimizer, check_resources, fit, learning_rate,
+                             parameter_groups, parse_faults, plan_training)
+
+BASE = ["data.batch_size=16", "schedule.epochs=1", "schedule.warmup_epochs=0.25", "train.cpus_per_worker=0.5",
+        "tracking.log_every=1", "train.checkpoint_every=4"]
+
+
+def _config(shapes_data, tmp_path, *overrides, tracking=None):
+    sets = [*BASE, f"data.shards=[{shapes_data['shards']}]", f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri={tracking or 'sqlite:///' + str(tmp_path / 'mlflow.db')}", *overrides]
+    return load_config("tiny", sets)
+
+
+def _state(checkpoint_path):
+    from pathlib import Path
+
+    return torch.load(Path(checkpoint_path) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _history(uri, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+# ------------------------------------------------------------------------------------------------ unit level
+def test_no_weight_decay_on_1d_parameters_and_biases():
+    from pgseg.model import PGSeg
+
+    model = PGSeg.from_config(load_config("tiny"))
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decay["params"])
+    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in no_decay["params"])
+    assert "logit_scale" in {names[id(p)] for p in no_decay["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+    assert len(build_optimizer(model, load_config("tiny")).param_groups) == 2
+
+
+def test_schedule_warms_up_per_step_then_cosine_from_step_zero():
+    config = load_config("official")  # 10 warm-up epochs from 1e-6, cosine to 1e-5 over 30 epochs, lr 1e-4
+    spe = 100
+    assert learning_rate(config, spe, 0) == pytest.approx(1e-6)
+    assert learning_rate(config, spe, 500) == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
+    # after warm-up the cosine is the one started at step 0 (the released timing), not a fresh one
+    t = 1500 / 3000
+    assert learning_rate(config, spe, 1500) == pytest.approx(1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * t)))
+    assert learning_rate(config, spe, 3000) == pytest.approx(1e-5)
+    paper = load_config("paper")
+    assert learning_rate(paper, spe, 500) == pytest.approx(1.6e-3 * 0.5 * (1 + math.cos(math.pi * 500 / 4000)) +
+                                                           1e-5 * 0.5 * (1 - math.cos(math.pi * 500 / 4000)), rel=1e-6)
+    assert paper.npr.start_epoch == 30 and load_config("official").npr.resolved().matching == "min_similarity"
+
+
+def test_fault_spec_is_parsed_and_checked():
+    assert parse_faults("kill@5:1,nan@3") == {"kill": (5, 1), "nan": (3, 0)}
+    assert parse_faults(None) == {}
+    with pytest.raises(ValueError, match="PGSEG_FAULT_INJECT"):
+        parse_faults("explode@3")
+
+
+def test_plan_errors_name_the_key(shapes_data, tmp_path):
+    with pytest.raises(ConfigError, match="data.shards"):
+        plan_training(load_config("tiny"))
+    with pytest.raises(ConfigError, match="data.shards"):
+        plan_training(load_config("tiny", [f"data.shards=[{tmp_path / 'nothing'}/*.tar]"]))
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        plan_training(_config(shapes_data, tmp_path, "data.batch_size=600"))
+    with pytest.raises(ConfigError, match="train.init_from"):
+        plan_training(_config(shapes_data, tmp_path, f"train.init_from={tmp_path / 'groupvit.pth'}"))
+    with pytest.raises(ConfigError, match="data.img_size"):
+        plan_training(_config(shapes_data, tmp_path, "data.img_size=32"))
+    with pytest.raises(ConfigError, match="train.workers"):
+        check_resources(_config(shapes_data, tmp_path, "train.workers=3", "train.cpus_per_worker=1"), 2.0)
+    plan = plan_training(_config(shapes_data, tmp_path, "train.workers=2", "schedule.epochs=3"))
+    assert (plan.samples_per_epoch, plan.steps_per_epoch, plan.total_steps) == (512, 16, 48)
+
+
+@pytest.mark.parametrize("args, key", [(["--set", "train.nope=1"], "train.nope"),
+                                       (["--set", "train.workers=two"], "train.workers"),
+                                       (["--set", "train.workers=3", "--set", "train.cpus_per_worker=1"],
+                                        "train.workers")])
+def test_job_config_errors_fail_before_ray_starts(shapes_data, tmp_path, args, key):
+    import subprocess
+
+    code = ("import sys, ray; from jobs.train import main; rc = main(sys.argv[1:]); "
+            "print('RAY_STARTED' if ray.is_initialized() else 'NO_RAY'); sys.exit(rc)")
+    env = {"PATH": "/usr/bin:/bin", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code, "--config", "tiny", "--set",
+                          f"data.shards=[{shapes_data['shards']}]", *args], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert key in out.stderr and "error:" in out.stderr
+    assert "NO_RAY" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------ on Ray
+def test_two_workers_learn_with_identical_replicas_and_the_global_batch(ray_local, shapes_data, tmp_path,
+                                                                      mlflow_server, monkeypatch):
+    monkeypatch.setenv("PGSEG_FAULT_INJECT", "nan@6")  # one poisoned step, skipped by train.nonfinite=skip
+    config = _config(shapes_data, tmp_path, "train.workers=2", "schedule.epochs=2", "train.name=ddp",
+                     tracking=mlflow_server)
+    plan = plan_training(config)
+    result = fit(plan)
+    assert result.finished and result.step == plan.total_steps == 32
+    # replicas: every rank's parameters and prototype buffers hash the same at the final checkpoint
+    from pathlib import Path
+
+    ranks = [torch.load(Path(result.checkpoint) / f"rank{r}.pt", weights_only=True)["digests"] for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert all(torch.isfinite(v).all() for v in _state(result.checkpoint)["model"].values())
+    # metrics read back from the MLflow server over HTTP: one value per step, the loss falls
+    loss = _history(mlflow_server, result.run_id, "loss")
+    assert [s for s, _ in loss] == [s for s in range(1, 33) if s != 7]  # step 7 (index 6) was non-finite: not logged
+    first, last = [v for _, v in loss[:5]], [v for _, v in loss[-5:]]
+    assert sum(last) / 5 < sum(first) / 5 - 0.05, (first, last)
+    assert {v for _, v in _history(mlflow_server, result.run_id, "global_batch")} == {32.0}  # 2 ranks × 16
+    assert _history(mlflow_server, result.run_id, "nonfinite_steps")[-1][1] == 1.0
+    for key in ("loss/itc", "loss/pg_stage0", "loss/pg_text", "lr", "itc_scale", "pg_scale", "tnpr_grad_norm",
+                "hrs_kept_stage1", "images_per_s", "skips/bad_image", "time/data"):
+        assert _history(mlflow_server, result.run_id, key), key
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(mlflow_server).get_run(result.run_id)
+    assert run.data.params["train.workers"] == "2" and run.info.status == "FINISHED"
+    artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(result.run_id)}
+    assert {"config.yaml", "model.safetensors"} <= artifacts
+
+
+def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PGSEG_FAULT_INJECT", "nan@2")
+    config = _config(shapes_data, tmp_path, "train.nonfinite=stop", "train.name=nan", "tracking.enabled=false",
+                     "data.batch_size=32")
+    with pytest.raises(TrainingError, match="non-finite loss at step 2"):
+        fit(plan_training(config))
+
+
+def test_killed_worker_resumes_to_the_same_state_as_an_uninterrupted_run(ray_local, shapes_data, tmp_path,
+                                                                        monkeypatch):
+    sets = ["train.deterministic=true", "data.augment=false", "train.max_failures=1", "tracking.log_every=1",
+            "train.checkpoint_every=3", "schedule.epochs=1", "data.batch_size=32"]  # 16 steps
+    reference = fit(plan_training(_config(shapes_data, tmp_path, *sets, "train.name=reference")))
+    monkeypatch.setenv("PGSEG_FAULT_INJECT", "kill@8")  # SIGKILL the worker after step 8 (checkpoint at 6)
+    killed = fit(plan_training(_config(shapes_data, tmp_path, *sets, "train.name=killed")))
+    assert (tmp_path / "runs" / "killed" / ".faults" / "kill-8-0").is_file()  # the drill really fired
+    assert killed.finished and killed.step == reference.step == 16
+    a, b = _state(reference.checkpoint), _state(killed.checkpoint)
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[name], b["optimizer"]["state"][index][name]), (index, name)
+    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
+    steps = [s for s, _ in _history(uri, killed.run_id, "loss")]
+    assert steps == list(range(1, 17))  # continuous, no step twice although steps 7-8 ran twice
+    assert _history(uri, killed.run_id, "lr") == _history(uri, reference.run_id, "lr")
+
+
+def test_stop_and_rerun_with_the_same_name_continues_one_mlflow_run(ray_local, shapes_data, tmp_path, mlflow_server):
+    sets = ["train.name=resumable", "schedule.epochs=1", "data.batch_size=32", "train.checkpoint_every=100"]
+    first = fit(plan_training(_config(shapes_data, tmp_path, *sets, "train.stop_after=5", tracking=mlflow_server)))
+    assert (first.step, first.finished) == (5, False)
+    second = fit(plan_training(_config(shapes_data, tmp_path, *sets, tracking=mlflow_server)))
+    assert (second.step, second.finished, second.run_id) == (16, True, first.run_id)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("pgseg").experiment_id],
+                              filter_string="tags.`pgseg.run_key` LIKE '%resumable'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [s for s, _ in _history(mlflow_server, first.run_id, "loss")] == list(range(1, 17))
+    epochs = _history(mlflow_server, first.run_id, "epoch")
+    assert epochs[-1] == (16, 1.0)
