@@ -1,0 +1,84 @@
+"""`ray start --head` on 127.0.0.1 and `ray job submit` of jobs.train, tracked by a real `mlflow server`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head on 127.0.0.1 (its own ports and temp dir), stopped with its process group."""
+    port, dash = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # the job's `python` = this one
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(1)
+        if head.poll() is not None:
+            pytest.fail("ray start --head exited")
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("the Ray dashboard did not answer within 180 s")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, shapes_data, mlflow_server, tmp_path):
+    address, env = ray_head
+    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", "mlflow.db"],
+                   "env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}
+    command = [RAY, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env), "--",
+               "python", "-m", "jobs.train", "--config", "tiny", "--name", "submitted",
+               "--set", f"data.shards=[{shapes_data['shards']}]", "--set", "data.batch_size=32",
+               "--set", "schedule.epochs=1", "--set", f"train.storage_path={tmp_path / 'runs'}",
+               "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.log_every=2",
+               "--set", "tracking.experiment=jobs"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout, out.stdout[-3000:]
+    summary = json.loads(out.stdout[out.stdout.index("{\n"): out.stdout.index("\n}") + 2])
+    assert summary["finished"] and summary["step"] == summary["total_steps"] == 16
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run"]]
+    loss = client.get_metric_history(summary["mlflow_run"], "loss")
+    assert sorted(m.step for m in loss) == list(range(2, 17, 2))
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["model.image.img_size"] == "64"
+    assert (tmp_path / "runs" / "submitted" / "model.safetensors").is_file()
