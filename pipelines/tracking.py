@@ -41,8 +41,15 @@ def git_commit(path: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def absolute_uri(uri: str) -> str:
-    """``sqlite:///relative.db`` → an absolute sqlite URI, so Ray workers with another cwd find the same file."""
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use: the configured one, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``;
+    a relative sqlite path made absolute, so Ray workers with another working folder find the same file."""
+    import os
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         return prefix + str(Path(uri[len(prefix):]).resolve())

@@ -431,7 +431,7 @@ def fit(plan: Plan, *, dataset: Any = None) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from pipelines.ingest import Ingest
-    from pipelines.tracking import absolute_uri, finish_training_run, start_training_run
+    from pipelines.tracking import resolve_uri, finish_training_run, start_training_run
 
     config, t = plan.config, plan.config.train
     resources = ray.cluster_resources()
@@ -443,7 +443,7 @@ def fit(plan: Plan, *, dataset: Any = None) -> TrainResult:
                         multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
                         deterministic=t.deterministic)
         dataset, counter = ingest.dataset(0), ingest.counter
-    uri = absolute_uri(config.tracking.uri)
+    uri = resolve_uri(config.tracking.uri)
     run_id = None
     if config.tracking.enabled:
         params = {**flatten(to_dict(config)), "run.name": plan.name, "run.steps_per_epoch": plan.steps_per_epoch,

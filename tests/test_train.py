@@ -179,3 +179,14 @@ def test_stopped_resumed_and_killed_run_ends_like_an_uninterrupted_one(ray_local
     assert [s for s, _ in _history(mlflow_server, second.run_id, "loss")] == list(range(1, 17))  # steps 5-7 ran twice
     assert _history(mlflow_server, second.run_id, "lr") == _history(mlflow_server, reference.run_id, "lr")
     assert _history(mlflow_server, second.run_id, "epoch")[-1] == (16, 1.0)
+
+
+def test_tracking_uri_follows_config_then_environment_then_local_sqlite(monkeypatch, tmp_path):
+    from pipelines.tracking import resolve_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_uri(None) == "http://127.0.0.1:5000"
+    assert resolve_uri("sqlite:///runs/m.db") == f"sqlite:///{tmp_path / 'runs' / 'm.db'}"

@@ -269,7 +269,7 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db (in the working folder)
     experiment: str = "pgseg"
     run_name: str | None = None  # MLflow run name (default: train.name)
     log_every: int = 10  # steps between metric flushes to MLflow (and metric reports to Ray Train)
@@ -277,7 +277,8 @@ class TrackingConfig:
 
     def validate(self, key: str) -> None:
         _require(self.log_every >= 1, f"{key}.log_every", f"must be >= 1, got {self.log_every}")
-        _require(bool(self.uri), f"{key}.uri", "must not be empty (default sqlite:///mlflow.db)")
+        _require(self.uri is None or bool(self.uri.strip()), f"{key}.uri", "must not be empty (leave it out for "
+                 "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
 
 @dataclass
