@@ -89,3 +89,22 @@ def test_epoch_size_from_the_manifest(tmp_path):
 def test_missing_shards_are_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards"):
         shard_list([str(tmp_path / "*.tar")])
+
+
+def test_noun_prompts_for_the_multi_label_loss_and_seeded_augmentation(ray_local, shapes_data):
+    from pgseg.text import tokenize
+
+    def run():
+        ingest = Ingest.from_paths([str(shapes_data["shards"])], img_size=32, context_length=16, seed=3,
+                                   multi_label=2, deterministic=True)
+        ds = ingest.dataset(epoch=0).limit(64)
+        return ds.take_batch(64, batch_format="numpy")
+
+    a, b = run(), run()
+    assert a["nouns"].shape == (64, 2, 16) and a["nouns"].dtype == a["tokens"].dtype
+    assert (a["nouns"][:, :, 0] == 49406).all()
+    # every shapes-world caption names a shape: its prompts carry that noun's tokens, not just the caption again
+    shape_tokens = {int(tokenize([n], 16)[0, 1]) for n in shapes_data["world"].classes}
+    assert all(shape_tokens & set(row.ravel().tolist()) for row in a["nouns"])
+    # deterministic: the same crops and prompts on a second read
+    assert (a["image"] == b["image"]).all() and (a["nouns"] == b["nouns"]).all()

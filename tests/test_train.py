@@ -190,3 +190,47 @@ def test_tracking_uri_follows_config_then_environment_then_local_sqlite(monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_uri(None) == "http://127.0.0.1:5000"
     assert resolve_uri("sqlite:///runs/m.db") == f"sqlite:///{tmp_path / 'runs' / 'm.db'}"
+
+
+def _batch(config, b=8):
+    from pgseg.text import tokenize
+
+    size = config.model.image.img_size
+    return {"image": torch.randn(b, 3, size, size),
+            "tokens": tokenize(["a red circle", "two stars", "a square", "a blue star"] * (b // 4),
+                               config.model.text.context_length)}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_update_the_model(precision):
+    from pipelines.train import Stepper
+
+    config = load_config("tiny", [f"train.precision={precision}"])
+    stepper = Stepper(config, steps_per_epoch=10, device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in stepper.model.state_dict().items()}
+    batch = _batch(config)
+    for step in range(30):  # fp16: the GradScaler starts at 2^16 and halves until the gradients fit
+        result = stepper(batch, step)
+        assert result.finite and math.isfinite(result.losses["loss"])
+        if math.isfinite(result.grad_norm):
+            break
+    assert math.isfinite(result.grad_norm)
+    changed = [k for k, v in stepper.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("img_encoder" in k for k in changed) and any("text_encoder" in k for k in changed)
+    assert stepper.scaler.is_enabled() == (precision == "fp16")
+
+
+def test_official_recipe_starts_from_a_groupvit_checkpoint(tmp_path):
+    from pgseg.model import PGSeg
+    from pipelines.train import Stepper
+
+    groupvit = PGSeg.from_config(load_config("tiny", ["npr.enabled=false", "npr.i_npr=false", "npr.t_npr=false"]))
+    torch.save({"model": groupvit.state_dict()}, tmp_path / "groupvit.pth")
+    config = load_config("tiny", ["npr.mode=official", f"train.init_from={tmp_path / 'groupvit.pth'}"])
+    stepper = Stepper(config, steps_per_epoch=10, device=torch.device("cpu"))
+    ours = stepper.model.state_dict()
+    shared = [k for k in groupvit.state_dict() if k in ours]
+    assert len(shared) == len(groupvit.state_dict())
+    assert all(torch.equal(ours[k], groupvit.state_dict()[k]) for k in shared)
+    assert any("downsample_spatial" in k for k in ours if k not in shared)  # the PG units keep their init
+    assert stepper(_batch(config), 0).finite
