@@ -1,0 +1,149 @@
+"""The zero-shot protocol (SPEC §6) on hand-made assignments and embeddings, and the metrics against brute force."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pgseg.metrics import ConfusionMatrix
+from pgseg.segment import (ProtocolSettings, Segmenter, _starts, clean_class_names, protocol_size, read_image,
+                           sliding_logits, window_logits)
+
+D = 4
+CLASSES = torch.eye(D)  # class k's embedding: the k-th axis
+
+
+class SignModel(torch.nn.Module):
+    """Patch 2: stage 0 puts each patch in group 0 if its mean is positive, else group 1; stage 1 is the identity on
+    those 2 groups; group 0's embedding is class 0's axis, group 1's is class 1's; the image looks like class 0
+    and 1 equally, a little like class 2 and not at all like class 3."""
+
+    model_cfg = None
+
+    def __init__(self, group_vectors=None):
+        super().__init__()
+        self.group_vectors = group_vectors if group_vectors is not None else torch.eye(D)[:2]
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def itc_scale(self):
+        return torch.tensor(10.0)
+
+    def encode_image(self, crop):
+        b, _, h, w = crop.shape
+        means = F.avg_pool2d(crop.mean(dim=1, keepdim=True), 2).flatten(1)  # [B, N]
+        soft0 = torch.stack([(means > 0).float(), (means <= 0).float()], dim=1)  # [B, 2, N]
+        soft1 = torch.eye(2).expand(b, 2, 2)
+        stages = [SimpleNamespace(assignment=SimpleNamespace(soft=soft0)),
+                  SimpleNamespace(assignment=SimpleNamespace(soft=soft1))]
+        pooled = torch.tensor([1.0, 1.0, 0.8, -1.0]).expand(b, D)
+        return SimpleNamespace(x=pooled, groups=self.group_vectors.expand(b, -1, -1),
+                               out=SimpleNamespace(stages=stages, grid=(h // 2, w // 2)))
+
+
+def _image(h, w, split):
+    img = -torch.ones(3, h, w)
+    img[:, :, :split] = 1.0  # left part positive → group 0 → class 0
+    return img
+
+
+def test_known_assignments_and_embeddings_give_known_labels():
+    model = SignModel()
+    out = window_logits(model, _image(8, 8, 4)[None], CLASSES, ProtocolSettings(window=8, stride=8, bg_thresh=None))
+    labels = out[0].argmax(dim=0)
+    assert (labels[:, :4] == 0).all() and (labels[:, 4:] == 1).all()
+    # the affinity of a pixel's class: softmax over classes of 10·cos, times the top-5 gate of its class
+    group = torch.softmax(10 * CLASSES[0] @ CLASSES.t(), dim=0)
+    gate = torch.softmax(10 * F.normalize(torch.tensor([1.0, 1.0, 0.8, -1.0]), dim=0), dim=0)
+    assert out[0, 0, 0, 0].item() == pytest.approx((group[0] * gate[0]).item(), rel=1e-5)
+
+
+def test_top_k_gating_keeps_only_the_image_level_winners():
+    model = SignModel(group_vectors=torch.stack([CLASSES[3], CLASSES[1]]))  # group 0 looks like class 3
+    settings = ProtocolSettings(window=8, stride=8, bg_thresh=None, topk=3)  # image top-3: classes 0, 1, 2
+    out = window_logits(model, _image(8, 8, 4)[None], CLASSES, settings)
+    assert (out[0, 3] == 0).all()  # class 3 is gated out although group 0 matches it best
+    assert (out[0].argmax(dim=0)[:, 4:] == 1).all()
+    settings = ProtocolSettings(window=8, stride=8, bg_thresh=None, topk=4)
+    out = window_logits(model, _image(8, 8, 4)[None], CLASSES, settings)
+    assert (out[0, 3, :, :4] > 0).all()
+
+
+def test_background_where_the_best_score_is_under_the_threshold():
+    model = SignModel()
+    low = window_logits(model, _image(8, 8, 4)[None], CLASSES, ProtocolSettings(window=8, stride=8, bg_thresh=0.0))
+    assert (low[0].argmax(dim=0)[:, :4] == 1).all()  # channel 0 = bg at 0: class 0 (channel 1) wins on the left
+    high = window_logits(model, _image(8, 8, 4)[None], CLASSES, ProtocolSettings(window=8, stride=8, bg_thresh=0.95))
+    # the threshold is min(0.95, max affinity) = the max affinity: ties with the best class go to background
+    best = high[0, 1:].max()
+    assert high[0, 0, 0, 0] == best
+
+
+def test_sliding_windows_average_overlaps_and_labels_come_back_at_the_original_size():
+    assert _starts(20, 8, 4) == [0, 4, 8, 12] and _starts(6, 8, 4) == [0] and _starts(10, 8, 4) == [0, 2]
+    model = SignModel()
+    settings = ProtocolSettings(window=8, stride=4, short_side=16, bg_thresh=None)
+    image = _image(16, 24, 10)
+    logits = sliding_logits(model, image, CLASSES, settings)
+    single = window_logits(model, image[None, :, :8, :8], CLASSES, settings)[0]
+    assert logits.max() <= single.max() + 1e-6  # averaged, not summed (pixels here lie under up to 4 windows)
+    assert torch.allclose(logits[:, :8, :8], single)
+    labels = logits.argmax(dim=0)
+    assert (labels[:, :10] == 0).all() and (labels[:, 10:] == 1).all()
+    assert protocol_size(50, 100, ProtocolSettings(short_side=448)) == (448, 896)
+    assert protocol_size(100, 4000, ProtocolSettings(short_side=448, max_long_side=2048)) == (51, 2048)
+
+
+def test_segmenter_on_odd_sizes_and_image_modes(tmp_path):
+    model = SignModel()
+    seg = Segmenter.__new__(Segmenter)  # the stub has no text tower: give the class embeddings directly
+    seg.model, seg.class_names, seg.classes = model, ["a", "b", "c", "d"], CLASSES
+    seg.settings = ProtocolSettings(window=8, stride=4, short_side=8, bg_thresh=None)
+    seg.names = seg.class_names
+    rgb = np.zeros((13, 29, 3), np.uint8)
+    rgb[:, :9] = 255
+    out = seg(Image.fromarray(rgb))
+    assert out.labels.shape == (13, 29) and set(out.areas()) == {"a", "b"}
+    # 16-bit grey, RGBA and EXIF-rotated files are read as RGB with the right size
+    Image.fromarray((np.arange(12 * 7).reshape(12, 7) * 700).astype(np.uint16)).save(tmp_path / "g16.png")
+    assert read_image(tmp_path / "g16.png").size == (7, 12)
+    Image.new("RGBA", (5, 4), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    assert read_image(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 255, 255)
+    exif = Image.new("RGB", (6, 3)).getexif()
+    exif[0x0112] = 6  # rotate 90°
+    Image.new("RGB", (6, 3)).save(tmp_path / "rot.jpg", exif=exif)
+    assert read_image(tmp_path / "rot.jpg").size == (3, 6)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        read_image(tmp_path / "bad.jpg")
+    with pytest.raises(ValueError, match="empty"):
+        clean_class_names(" , ")
+    assert clean_class_names("cat, grass ,sky") == ["cat", "grass", "sky"]
+
+
+def test_miou_equals_brute_force_per_class_counts():
+    rng = np.random.default_rng(0)
+    n = 5
+    cm = ConfusionMatrix(n)
+    inter, union, gt_count = np.zeros(n), np.zeros(n), np.zeros(n)
+    for _ in range(6):
+        target = rng.integers(0, n, (17, 23))
+        target[rng.random((17, 23)) < 0.1] = 255
+        pred = rng.integers(0, n, (17, 23))
+        cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+        valid = target != 255
+        for c in range(n):
+            p, t = (pred == c) & valid, (target == c) & valid
+            inter[c] += (p & t).sum()
+            union[c] += (p | t).sum()
+            gt_count[c] += t.sum()
+    scores = cm.scores()
+    assert np.allclose(scores.iou, inter / union)
+    assert scores.miou == pytest.approx(float(np.mean(inter / union)))
+    assert np.allclose(scores.accuracy, inter / gt_count)
+    assert scores.aacc == pytest.approx(inter.sum() / gt_count.sum())
+    with pytest.raises(ValueError, match=r"ids \[7, 9\]"):
+        cm.update(torch.tensor([[0, 1, 2]]), torch.tensor([[7, 9, 255]]), source="x.png")
