@@ -12,3 +12,12 @@ def init_ray(address: str | None = None) -> None:
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING)
+
+
+def entrypoint(prog: str, description: str | None, add_arguments, run, argv: list[str] | None = None) -> int:
+    """``python -m jobs.X``: parse the job's arguments and run it (the ``pgseg X`` subcommand's twin)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from .runtime import entrypoint
+
+    return entrypoint("python -m jobs.train", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

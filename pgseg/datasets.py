@@ -110,11 +110,16 @@ def _paired(root: Path, ids: list[str], image_dir: str, mask_dir: str, image_ext
 
 
 def voc(root: str | Path, split: str = "val") -> SegmentationDataset:
-    """PASCAL VOC 2012: JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/{split}.txt."""
+    """PASCAL VOC 2012: JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/{split}.txt. A
+    ``class_names.txt`` beside them (one name per line, label 0 first) replaces VOC's 21 names (e.g. the shapes
+    world's validation set)."""
     root = Path(root)
     ids = _split_ids(root / "ImageSets" / "Segmentation" / f"{split}.txt")
-    return SegmentationDataset("voc", root, _paired(root, ids, "JPEGImages", "SegmentationClass", ".jpg", ".png"),
-                               list(VOC_CLASSES), 0.95)
+    names_file = root / "class_names.txt"
+    names = [n.strip() for n in names_file.read_text().splitlines() if n.strip()] if names_file.is_file() \
+        else list(VOC_CLASSES)
+    return SegmentationDataset("voc" if not names_file.is_file() else root.name, root,
+                               _paired(root, ids, "JPEGImages", "SegmentationClass", ".jpg", ".png"), names, 0.95)
 
 
 def context(root: str | Path, split: str = "val") -> SegmentationDataset:

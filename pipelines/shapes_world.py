@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pgseg.fileio import atomic_write_bytes
+from pgseg.visualize import PALETTE as VOC_PALETTE
 
 ALL_CLASSES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart")
 # hue (degrees) of each class's colour family
@@ -176,19 +177,6 @@ class ShapesWorld:
         return TEMPLATES_MANY[int(rng.integers(len(TEMPLATES_MANY)))].format(phrase)
 
 
-def _voc_palette() -> list[int]:
-    """The standard PASCAL VOC colour map (bits of the label spread over the high bits of R, G, B)."""
-    palette = []
-    for label in range(256):
-        rgb = [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                rgb[channel] |= ((label >> (3 * bit + channel)) & 1) << (7 - bit)
-        palette += rgb
-    return palette
-
-
-VOC_PALETTE = _voc_palette()
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:

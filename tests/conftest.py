@@ -104,3 +104,18 @@ def shapes_data(tmp_path_factory):
                                                                      processes_count=1, thread_count=8))
     assert manifest["samples"] == 512, manifest
     return {"root": root, "shards": root / "shards", "val": write_voc_val(world, root / "val", 8), "world": world}
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(ray_local, shapes_data, tmp_path_factory):
+    """A tiny PGSeg trained for 16 steps on the shapes world by the real training pipeline: its model file."""
+    from pgseg.config import load_config
+    from pipelines.train import fit, plan_training
+
+    root = tmp_path_factory.mktemp("trained")
+    config = load_config("tiny", [f"data.shards=[{shapes_data['shards']}]", "data.batch_size=32",
+                                  "schedule.epochs=1", "train.cpus_per_worker=1", "tracking.enabled=false",
+                                  f"train.storage_path={root}", "train.name=tiny", "train.checkpoint_every=100"])
+    result = fit(plan_training(config))
+    assert result.finished and result.model_file
+    return Path(result.model_file)

@@ -147,3 +147,38 @@ def test_miou_equals_brute_force_per_class_counts():
     assert scores.aacc == pytest.approx(inter.sum() / gt_count.sum())
     with pytest.raises(ValueError, match=r"ids \[7, 9\]"):
         cm.update(torch.tensor([[0, 1, 2]]), torch.tensor([[7, 9, 255]]), source="x.png")
+
+
+def test_pgseg_segment_writes_masks_overlays_and_areas_and_skips_unreadable_files(tmp_path, capsys):
+    import json
+
+    from jobs.cli import main
+    from pgseg.checkpoint import save_model
+    from pgseg.config import load_config
+    from pgseg.model import PGSeg
+
+    config = load_config("tiny")
+    save_model(PGSeg.from_config(config), config, tmp_path / "tiny.safetensors")
+    images = tmp_path / "in"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(images / "small.jpg")  # smaller than the 64-pixel window
+    Image.fromarray((np.arange(70 * 50).reshape(50, 70) * 13).astype(np.uint16)).save(images / "sub" / "g16.png")
+    Image.new("RGBA", (90, 64), (0, 0, 255, 128)).save(images / "rgba.png")
+    (images / "broken.png").write_bytes(b"\x89PNG truncated")
+    args = ["segment", "--checkpoint", str(tmp_path / "tiny.safetensors"), "--classes", "circle, square, star",
+            str(images), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "broken.png" in err
+    for stem, size in (("small", (40, 30)), ("g16", (70, 50)), ("rgba", (90, 64))):
+        mask = Image.open(tmp_path / "out" / f"{stem}_mask.png")
+        assert mask.mode == "P" and mask.size == size
+        assert np.asarray(mask).max() <= 3
+        assert Image.open(tmp_path / "out" / f"{stem}_overlay.png").height >= size[1]
+        areas = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
+        assert areas["labels"] == ["background", "circle", "square", "star"]
+        assert sum(areas["areas"].values()) == pytest.approx(1.0)
+    assert not (tmp_path / "out" / "broken_mask.png").exists()
+    assert main(["segment", "--checkpoint", str(tmp_path / "tiny.safetensors"), "--classes", " , ",
+                 str(images), "--out", str(tmp_path / "out2")]) == 2
+    assert "empty" in capsys.readouterr().err

@@ -29,12 +29,17 @@ def _free_port() -> int:
 def ray_head():
     """A separate Ray head on 127.0.0.1 (its own ports and temp dir), stopped with its process group."""
     port, dash = _free_port(), _free_port()
+    # every listening port of its own: the session's in-process Ray already holds the default agent ports
+    own_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "metrics-export-port", "runtime-env-agent-port",
+                                                         "node-manager-port", "object-manager-port",
+                                                         "ray-client-server-port")]
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # the job's `python` = this one
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *own_ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 180

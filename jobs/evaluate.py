@@ -1,0 +1,78 @@
+"""``pgseg eval`` / ``python -m jobs.evaluate``: zero-shot segmentation mIoU of a model file on datasets in their
+published layouts (or any folder), on Ray; the table printed and logged to MLflow."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a pgseg model file (.safetensors)")
+    p.add_argument("--dataset", action="append", required=True, metavar="KIND:ROOT",
+                   help="voc|context|coco_object|imagenet_s|lvis|folder and its root (repeatable)")
+    p.add_argument("--bg-thresh", type=float, default=None, help="override every dataset's background threshold")
+    p.add_argument("--true-labels", action="store_true", help="True Label Guidance (Table 2)")
+    p.add_argument("--window", type=int, default=None, help="default: the model config's eval.window")
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--short-side", type=int, default=None)
+    p.add_argument("--actors", type=int, default=1, help="model replicas (Ray Data actors)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--overlays", type=int, default=8, help="images drawn into the MLflow overlay grid")
+    p.add_argument("--track", default=None, metavar="URI",
+                   help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--no-track", action="store_true")
+    p.add_argument("--run-id", default=None, help="log into this MLflow run (e.g. the training run)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="zero-shot segmentation mIoU (SPEC §6 protocol) on Ray, logged to MLflow")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pgseg.checkpoint import CheckpointError, read_model_config
+    from pgseg.datasets import open_dataset
+    from pgseg.segment import ProtocolSettings
+
+    try:
+        config = read_model_config(args.checkpoint)
+        datasets = [open_dataset(spec) for spec in args.dataset]
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from pipelines.evaluate import evaluate, log_to_mlflow
+    from pipelines.tracking import resolve_uri
+
+    from .runtime import init_ray
+
+    init_ray(args.address)
+    e = config.eval
+    run_id = args.run_id
+    for dataset in datasets:
+        bg = args.bg_thresh if args.bg_thresh is not None else (e.bg_thresh if e.bg_thresh is not None
+                                                                 else dataset.bg_thresh)
+        settings = ProtocolSettings(window=args.window or e.window, stride=args.stride or e.stride,
+                                    short_side=args.short_side or e.short_side, bg_thresh=bg)
+        try:
+            result = evaluate(args.checkpoint, dataset, settings, actors=args.actors, use_gpu=args.gpu,
+                              true_labels=args.true_labels, overlays=args.overlays)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(result.table_text())
+        if not args.no_track:
+            run_id = log_to_mlflow(result, resolve_uri(args.track), run_id=run_id)
+            print(f"logged to MLflow run {run_id}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .runtime import entrypoint
+
+    return entrypoint("python -m jobs.evaluate", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Pictures of segmentations: palette masks (VOC colours), overlays with a legend, grids of overlays."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map: label bits spread over the high bits of R, G and B (768 values)."""
+    palette = []
+    for label in range(256):
+        rgb = [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((label >> (3 * bit + channel)) & 1) << (7 - bit)
+        palette += rgb
+    return palette
+
+
+PALETTE = voc_palette()
+
+
+def palette_mask(labels: torch.Tensor | np.ndarray) -> Image.Image:
+    """[H, W] label ids → a palette PNG image (the ids are the pixel values; colours for viewing)."""
+    arr = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if arr.max(initial=0) > 255:
+        raise ValueError("a palette mask holds at most 256 labels; write ids as 16-bit PNG instead")
+    image = Image.fromarray(arr.astype(np.uint8), "P")
+    image.putpalette(PALETTE)
+    return image
+
+
+def overlay(image: Image.Image, labels: torch.Tensor | np.ndarray, names: Sequence[str], alpha: float = 0.5,
+            legend: bool = True) -> Image.Image:
+    """The image with its label colours blended in (background, label 0 when named so, left clear) and a legend of
+    the labels present."""
+    arr = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    colours = np.array(PALETTE, np.uint8).reshape(256, 3)[arr.astype(np.int64) % 256]
+    base = np.asarray(image.convert("RGB"), np.float32)
+    blend = base * (1 - alpha) + colours.astype(np.float32) * alpha
+    if names and names[0] == "background":
+        blend[arr == 0] = base[arr == 0]
+    out = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    if not legend:
+        return out
+    present = [int(i) for i in np.unique(arr) if i < len(names) and not (i == 0 and names[0] == "background")]
+    font = ImageFont.load_default()
+    row = 14
+    panel = Image.new("RGB", (out.width + 150, max(out.height, row * len(present) + 8)), (255, 255, 255))
+    panel.paste(out, (0, 0))
+    draw = ImageDraw.Draw(panel)
+    for k, label in enumerate(present):
+        y = 4 + k * row
+        colour = tuple(PALETTE[3 * label: 3 * label + 3])
+        draw.rectangle([out.width + 6, y, out.width + 18, y + 10], fill=colour, outline=(0, 0, 0))
+        draw.text((out.width + 24, y - 1), names[label][:20], fill=(0, 0, 0), font=font)
+    return panel
+
+
+def grid(images: Sequence[Image.Image], columns: int = 4, cell: int = 256) -> Image.Image:
+    """Images side by side, each fitted into a ``cell``-pixel-high tile."""
+    if not images:
+        raise ValueError("no images for the grid")
+    tiles = [im.resize((max(1, round(im.width * cell / im.height)), cell)) for im in images]
+    width = max(t.width for t in tiles)
+    rows = (len(tiles) + columns - 1) // columns
+    out = Image.new("RGB", (width * min(columns, len(tiles)), cell * rows), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        out.paste(tile, ((i % columns) * width, (i // columns) * cell))
+    return out

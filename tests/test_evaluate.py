@@ -1,0 +1,39 @@
+"""`pgseg eval` end to end on Ray: a trained tiny model on the shapes world's VOC-format validation set; the table
+it prints is the table it logs to a real MLflow server."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+
+def test_eval_prints_the_table_it_logs_to_mlflow(ray_local, trained_tiny, shapes_data, mlflow_server, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.evaluate import main
+
+    rc = main(["--checkpoint", str(trained_tiny), "--dataset", f"voc:{shapes_data['val']}", "--track", mlflow_server,
+               "--overlays", "4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    miou = float(re.search(r"mIoU ([0-9.]+)", out).group(1))
+    run_id = re.search(r"logged to MLflow run (\w+)", out).group(1)
+    client = MlflowClient(mlflow_server)
+    name = shapes_data["val"].name
+    logged = client.get_run(run_id).data.metrics[f"eval/{name}/mIoU"]
+    assert round(100 * logged, 2) == miou
+    printed = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\w+)\s+([0-9.]+|nan)\s+[0-9.na]+$", out, re.M)}
+    import json
+    import tempfile
+
+    folder = client.download_artifacts(run_id, f"eval/{name}_iou.json", tempfile.mkdtemp())
+    table = json.load(open(folder))
+    rows = dict(zip([r[0] for r in table["data"]], [r[1] for r in table["data"]]))
+    assert set(rows) == {"background", *shapes_data["world"].classes}
+    for cls, iou in rows.items():
+        assert printed[cls] == pytest.approx(round(100 * iou, 2), abs=0.006) or (np.isnan(iou) and np.isnan(printed[cls]))
+    artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert f"eval/{name}_overlays.png" in artifacts and f"eval/{name}_iou.md" in artifacts
+    # the mIoU is the mean of the per-class IoUs it shows
+    assert miou == pytest.approx(100 * np.nanmean(list(rows.values())), abs=0.01)
