@@ -47,14 +47,32 @@ def ray_local():
     ray.shutdown()
 
 
+def wait_for_http(url: str, proc, what: str, seconds: float) -> None:
+    """Poll ``url`` until it answers 200 (bounded); fail the test, killing ``proc``'s group, if it never does."""
+    import signal
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited at start")
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"{what} did not answer {url} within {seconds:g} s")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` with a sqlite backend on 127.0.0.1; yields its URI."""
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow")
     with socket.socket() as s:
@@ -66,19 +84,7 @@ def mlflow_server(tmp_path_factory):
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            pytest.fail("mlflow server exited at start")
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer /health within 120 s")
+    wait_for_http(f"{uri}/health", proc, "mlflow server", 120)
     yield uri
     import signal
 

@@ -9,12 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, wait_for_http
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -42,19 +41,7 @@ def ray_head():
                              f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *own_ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-        if head.poll() is not None:
-            pytest.fail("ray start --head exited")
-    else:
-        os.killpg(head.pid, signal.SIGKILL)
-        pytest.fail("the Ray dashboard did not answer within 180 s")
+    wait_for_http(f"{address}/api/version", head, "ray start --head", 180)
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
