@@ -66,22 +66,13 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from pipelines.download import download
-    from pipelines.serve import serve_directory
-    from pipelines.shapes_world import ShapesWorld, write_train_images, write_url_list, write_voc_val
+    from pipelines.shapes_world import ShapesWorld, download_world, write_train_images, write_voc_val
 
     out = Path(args.out)
     world = ShapesWorld(num_classes=args.classes, image_size=args.size, seed=args.seed)
     rows = write_train_images(world, out / "www", args.train)
     val = write_voc_val(world, out / "val", args.val)
-    spec = _spec_from_args(args)
-    if args.serve == "file":
-        write_url_list(rows, (out / "www").resolve().as_uri(), out / "urls")
-        manifest = download(out / "urls", out / "shards", spec)
-    else:
-        with serve_directory(out / "www") as base:
-            write_url_list(rows, base, out / "urls")
-            manifest = download(out / "urls", out / "shards", spec)
+    manifest = download_world(out / "www", rows, out / "urls", out / "shards", _spec_from_args(args), args.serve)
     print(f"shapes world: {manifest['samples']} training pairs in {manifest['num_shards']} shard(s) at "
           f"{out / 'shards'}, {args.val} validation images at {val}")
     return 0

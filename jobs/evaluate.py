@@ -8,8 +8,13 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a pgseg model file (.safetensors)")
-    p.add_argument("--dataset", action="append", required=True, metavar="KIND:ROOT",
+    p.add_argument("--dataset", action="append", default=[], metavar="KIND:ROOT",
                    help="voc|context|coco_object|imagenet_s|lvis|folder and its root (repeatable)")
+    p.add_argument("--classification", action="append", default=[], metavar="PATH",
+                   help="zero-shot classification (top-1/top-5, ImageNet protocol) on a class-folder tree or "
+                        "webdataset shards with jpg+cls (repeatable); needs --class-names")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="class names for --classification: one per line in label order, or 'FOLDER NAME' lines")
     p.add_argument("--bg-thresh", type=float, default=None, help="override every dataset's background threshold")
     p.add_argument("--true-labels", action="store_true", help="True Label Guidance (Table 2)")
     p.add_argument("--window", type=int, default=None, help="default: the model config's eval.window")
@@ -36,13 +41,19 @@ def run(args: argparse.Namespace) -> int:
     from pgseg.datasets import open_dataset
     from pgseg.segment import ProtocolSettings
 
+    if not args.dataset and not args.classification:
+        print("error: give --dataset KIND:ROOT and/or --classification PATH", file=sys.stderr)
+        return 2
+    if args.classification and not args.class_names:
+        print("error: --classification needs --class-names FILE", file=sys.stderr)
+        return 2
     try:
         config = read_model_config(args.checkpoint)
         datasets = [open_dataset(spec) for spec in args.dataset]
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from pipelines.evaluate import evaluate, log_to_mlflow
+    from pipelines.evaluate import evaluate, evaluate_classification, log_classification, log_to_mlflow
     from pipelines.tracking import resolve_uri
 
     from .runtime import init_ray
@@ -64,6 +75,17 @@ def run(args: argparse.Namespace) -> int:
         print(result.table_text())
         if not args.no_track:
             run_id = log_to_mlflow(result, resolve_uri(args.track), run_id=run_id)
+            print(f"logged to MLflow run {run_id}")
+    for source in args.classification:
+        try:
+            result = evaluate_classification(args.checkpoint, source, args.class_names, actors=args.actors,
+                                             use_gpu=args.gpu)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(result.table_text())
+        if not args.no_track:
+            run_id = log_classification(result, resolve_uri(args.track), run_id=run_id)
             print(f"logged to MLflow run {run_id}")
     return 0
 

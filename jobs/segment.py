@@ -8,7 +8,7 @@ import io
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+from pgseg.segment import IMAGE_SUFFIXES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

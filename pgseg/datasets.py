@@ -14,6 +14,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from .segment import IMAGE_SUFFIXES
+
 IGNORE = 255
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -38,7 +40,6 @@ COCO_OBJECT_CLASSES = (
     "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
     "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
     "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".JPEG", ".JPG", ".PNG")
 
 
 @dataclass
@@ -221,7 +222,7 @@ def folder(root: str | Path, images: str = "images", masks: str = "masks",
     if not names:
         raise ValueError(f"{names_path}: no class names")
     samples = []
-    for image in sorted(p for p in (root / images).iterdir() if p.suffix in IMAGE_SUFFIXES):
+    for image in sorted(p for p in (root / images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         mask = root / masks / f"{image.stem}.png"
         if not mask.is_file():
             raise FileNotFoundError(f"{mask}: the mask of {image.name} is missing")

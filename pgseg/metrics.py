@@ -54,6 +54,15 @@ class ConfusionMatrix:
     def merge(self, other: "ConfusionMatrix") -> None:
         self.matrix += other.matrix
 
+    def constant_prediction(self, label: int = 0) -> "ConfusionMatrix":
+        """The matrix a model predicting ``label`` everywhere would give on the same pixels (e.g. the all-background
+        baseline beside a model's mIoU)."""
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} is outside 0..{self.num_classes - 1}")
+        out = ConfusionMatrix(self.num_classes, self.ignore_index, self.class_names or None)
+        out.matrix[:, label] = self.matrix.sum(dim=1)
+        return out
+
     def scores(self) -> SegmentationScores:
         m = self.matrix.double()
         tp = m.diag()

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from .text import SEGMENTATION_TEMPLATES, fill_templates, tokenize
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # what folders are searched for
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,50 +18,87 @@ from pgseg.segment import ProtocolSettings
 log = logging.getLogger(__name__)
 
 
+def _segmenter(model: Any, class_names: list[str], settings: ProtocolSettings):
+    from pgseg.segment import Segmenter
+
+    names = class_names[1:] if settings.bg_thresh is not None else class_names  # prompts: foreground classes only
+    return Segmenter(model, names, settings)
+
+
+def score_sample(segmenter: Any, image_path: str, mask_path: str, num_classes: int, reader: str, true_labels: bool,
+                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+    """One sample through the protocol: (confusion codes, their counts, predicted labels, the image). Codes are
+    ``target * num_classes + prediction`` over the pixels that are not 255."""
+    from pgseg.datasets import read_mask
+    from pgseg.segment import read_image, to_tensor
+
+    image = read_image(image_path)
+    target = read_mask(mask_path, num_classes, reader)
+    if target.shape != (image.height, image.width):
+        raise ValueError(f"{mask_path}: mask {target.shape} and image {(image.height, image.width)} differ")
+    bg = segmenter.settings.bg_thresh is not None
+    candidates = None
+    if true_labels:  # True Label Guidance: only the classes of the ground truth compete
+        present = np.unique(target[(target != 255) & (target > (0 if bg else -1))])
+        candidates = [int(c) - (1 if bg else 0) for c in present] or None
+    labels = segmenter(to_tensor(image).to(device), candidates).labels.numpy()
+    valid = target != 255
+    codes, counts = np.unique(target[valid].astype(np.int64) * num_classes + labels[valid], return_counts=True)
+    return codes, counts, labels, image
+
+
 class SegmentActor:
     """A Ray Data UDF holding one model: rows (id, image path, mask path) → confusion counts (and overlays)."""
 
     def __init__(self, model_path: str, class_names: list[str], settings: dict[str, Any], reader: str,
                  true_labels: bool, overlay_ids: list[str], device: str = "cpu"):
         from pgseg.checkpoint import load_model
-        from pgseg.segment import Segmenter
 
         model, _ = load_model(model_path, device)
-        self.bg = settings.get("bg_thresh") is not None
-        names = class_names[1:] if self.bg else class_names  # the prompts: foreground classes only
-        self.segmenter = Segmenter(model, names, ProtocolSettings(**settings))
+        self.segmenter = _segmenter(model, class_names, ProtocolSettings(**settings))
         self.n, self.reader, self.true_labels = len(class_names), reader, true_labels
         self.overlay_ids, self.device = set(overlay_ids), device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pgseg.datasets import read_mask
-        from pgseg.segment import read_image, to_tensor
         from pgseg.visualize import overlay
 
-        pairs, counts, pictures = [], [], []
+        pairs, counts, pictures, errors = [], [], [], []
         for sid, image_path, mask_path in zip(batch["id"], batch["image"], batch["mask"]):
-            image = read_image(image_path)
-            target = read_mask(mask_path, self.n, self.reader)
-            if target.shape != (image.height, image.width):
-                raise ValueError(f"{mask_path}: mask {target.shape} and image {(image.height, image.width)} differ")
-            candidates = None
-            if self.true_labels:  # True Label Guidance: only the classes of the ground truth compete
-                present = np.unique(target[(target != 255) & (target > (0 if self.bg else -1))])
-                candidates = [int(c) - (1 if self.bg else 0) for c in present] or None
-            labels = self.segmenter(to_tensor(image).to(self.device), candidates).labels.numpy()
-            valid = target != 255
-            codes = target[valid].astype(np.int64) * self.n + labels[valid]
-            u, c = np.unique(codes, return_counts=True)
-            pairs.append(u)
-            counts.append(c)
-            if sid in self.overlay_ids:
+            try:  # bad inputs travel back as text: the driver reports them all, in our words, not Ray's
+                codes, n, labels, image = score_sample(self.segmenter, image_path, mask_path, self.n, self.reader,
+                                                       self.true_labels, self.device)
+            except (ValueError, OSError) as exc:
+                codes, n, labels, image = np.zeros(0, np.int64), np.zeros(0, np.int64), None, None
+                errors.append(str(exc))
+            else:
+                errors.append("")
+            pairs.append(codes)
+            counts.append(n)
+            if sid in self.overlay_ids and labels is not None:
                 buf = io.BytesIO()
                 overlay(image, labels, self.segmenter.names).save(buf, format="PNG")
                 pictures.append(buf.getvalue())
             else:
                 pictures.append(b"")
         return {"id": batch["id"], "pairs": np.array(pairs, dtype=object), "counts": np.array(counts, dtype=object),
-                "overlay": np.array(pictures, dtype=object)}
+                "overlay": np.array(pictures, dtype=object), "error": np.array(errors, dtype=object)}
+
+
+def evaluate_in_process(model: Any, dataset: SegmentationDataset, settings: ProtocolSettings,
+                        true_labels: bool = False) -> tuple[SegmentationScores, float]:
+    """The same figures without Ray, in this process (evaluation during training on a small held-out set):
+    (scores, all-background mIoU)."""
+    import torch
+
+    segmenter = _segmenter(model, dataset.class_names, settings)
+    matrix = ConfusionMatrix(len(dataset.class_names), class_names=dataset.class_names)
+    flat = matrix.matrix.view(-1)
+    for sample in dataset:
+        codes, counts, _, _ = score_sample(segmenter, str(sample.image), str(sample.mask), len(dataset.class_names),
+                                           dataset.reader, true_labels)
+        flat.index_add_(0, torch.as_tensor(codes), torch.as_tensor(counts))
+    baseline = matrix.constant_prediction(0).scores().miou if settings.bg_thresh is not None else float("nan")
+    return matrix.scores(), baseline
 
 
 @dataclass
@@ -70,10 +108,12 @@ class EvalResult:
     settings: ProtocolSettings
     images: int
     overlays: list[bytes] = field(default_factory=list)
+    baseline_miou: float = float("nan")  # predicting background (label 0) everywhere, on the same pixels
 
     def table_text(self) -> str:
         lines = [f"{self.dataset}: mIoU {100 * self.scores.miou:.2f}  mAcc {100 * self.scores.macc:.2f}  "
-                 f"aAcc {100 * self.scores.aacc:.2f}  ({self.images} images)",
+                 f"aAcc {100 * self.scores.aacc:.2f}  ({self.images} images; all-background mIoU "
+                 f"{100 * self.baseline_miou:.2f})",
                  f"{'class':24}{'IoU':>8}{'Acc':>8}"]
         for row in self.scores.table():
             lines.append(f"{str(row['class'])[:24]:24}{100 * row['iou']:8.2f}{100 * row['accuracy']:8.2f}")
@@ -101,31 +141,20 @@ def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSe
     images = 0
     import torch
 
-    try:
-        batches = list(ds.iter_batches(batch_size=16, batch_format="numpy"))
-    except Exception as exc:  # noqa: BLE001 - a bad image or mask inside an actor: its own message, not Ray's
-        cause = _user_error(exc)
-        if cause is None:
-            raise
-        raise ValueError(str(cause)) from None
+    batches = list(ds.iter_batches(batch_size=16, batch_format="numpy"))
+    errors = sorted(str(e) for b in batches for e in b["error"] if e)
+    if errors:  # nothing is logged from a dataset with unreadable images or masks
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ValueError(f"{dataset.name}: {len(errors)} bad sample(s): " + "; ".join(errors[:5]) + more)
     for batch in batches:
         for sid, pairs, counts, picture in zip(batch["id"], batch["pairs"], batch["counts"], batch["overlay"]):
             flat.index_add_(0, torch.as_tensor(pairs, dtype=torch.long), torch.as_tensor(counts, dtype=torch.long))
             images += 1
             if picture:
                 pictures[str(sid)] = picture
-    return EvalResult(dataset.name, matrix.scores(), settings, images, [pictures[i] for i in overlay_ids if i in pictures])
-
-
-def _user_error(exc: BaseException) -> BaseException | None:
-    """The ValueError/FileNotFoundError raised by our code inside a Ray task, found in the exception chain."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (ValueError, FileNotFoundError)) and type(exc).__module__ == "builtins":
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
+    baseline = matrix.constant_prediction(0).scores().miou if settings.bg_thresh is not None else float("nan")
+    return EvalResult(dataset.name, matrix.scores(), settings, images,
+                      [pictures[i] for i in overlay_ids if i in pictures], baseline)
 
 
 def log_to_mlflow(result: EvalResult, uri: str, *, run_id: str | None = None, experiment: str = "pgseg-eval",
@@ -147,6 +176,8 @@ def log_to_mlflow(result: EvalResult, uri: str, *, run_id: str | None = None, ex
     client.log_metric(run_id, f"eval/{name}/mIoU", s.miou, step=step or 0)
     client.log_metric(run_id, f"eval/{name}/mAcc", s.macc, step=step or 0)
     client.log_metric(run_id, f"eval/{name}/aAcc", s.aacc, step=step or 0)
+    if result.baseline_miou == result.baseline_miou:  # not nan
+        client.log_metric(run_id, f"eval/{name}/all_background_mIoU", result.baseline_miou, step=step or 0)
     rows = s.table()
     client.log_table(run_id, {"class": [r["class"] for r in rows], "iou": [r["iou"] for r in rows],
                               "accuracy": [r["accuracy"] for r in rows]}, f"eval/{name}_iou.json")
@@ -155,4 +186,119 @@ def log_to_mlflow(result: EvalResult, uri: str, *, run_id: str | None = None, ex
     if result.overlays:
         pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in result.overlays]
         client.log_image(run_id, grid(pictures), f"eval/{name}_overlays.png")
+    return run_id
+
+
+# ------------------------------------------------------------------------------------------------ classification
+class ClassifyActor:
+    """A Ray Data UDF holding one model: rows (image bytes or path, label) → top-1 / top-5 hits."""
+
+    def __init__(self, model_path: str, class_names: list[str], device: str = "cpu"):
+        from pgseg.checkpoint import load_model
+        from pgseg.classify import ZeroShotClassifier
+
+        model, _ = load_model(model_path, device)
+        self.classifier = ZeroShotClassifier(model, class_names)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from pgseg.classify import load_image, topk_correct
+
+        images, labels, errors = [], [], []
+        problems = batch.get("problem", [""] * len(batch["label"]))
+        for data, label, problem in zip(batch["image"], batch["label"], problems):
+            if problem:
+                errors.append(str(problem))
+                continue
+            try:
+                images.append(load_image(data if isinstance(data, (bytes, str)) else bytes(data), self.classifier.size))
+                labels.append(int(label))
+            except ValueError as exc:
+                errors.append(str(exc))
+        hits = {1: 0, 5: 0}
+        if images:
+            hits = topk_correct(self.classifier(torch.stack(images)), torch.tensor(labels))
+        return {"top1": np.array([hits[1]]), "top5": np.array([hits[5]]), "images": np.array([len(images)]),
+                "error": np.array(["; ".join(errors)], dtype=object)}
+
+
+@dataclass
+class ClassificationResult:
+    dataset: str
+    top1: float
+    top5: float
+    images: int
+    classes: int
+
+    def table_text(self) -> str:
+        return (f"{self.dataset}: zero-shot top-1 {100 * self.top1:.2f}  top-5 {100 * self.top5:.2f}  "
+                f"({self.images} images, {self.classes} classes)")
+
+
+def _label(raw: Any, key: str, classes: int) -> tuple[int, str]:
+    """A shard's ``cls`` member → (label, "") or (-1, what is wrong with it)."""
+    try:
+        label = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+    except (TypeError, ValueError):
+        return -1, f"sample {key}: label {raw!r} is not an integer"
+    if not 0 <= label < classes:
+        return -1, f"sample {key}: label {label} is outside 0..{classes - 1}"
+    return label, ""
+
+
+def evaluate_classification(model_path: str, source: str, class_names_file: str, *, actors: int = 1,
+                            use_gpu: bool = False, batch_size: int = 64) -> ClassificationResult:
+    """Zero-shot classification accuracy of a model file on ``source``: a class-folder tree, or webdataset shards
+    (a .tar, a folder of them, a glob or a shard manifest) with ``jpg`` and ``cls`` members."""
+    import ray
+
+    from pgseg.classify import folder_samples, read_class_names
+
+    path = Path(source)
+    if path.is_dir() and not list(path.glob("*.tar")):
+        folders, samples = folder_samples(path)
+        names = read_class_names(class_names_file, folders)
+        ds = ray.data.from_items([{"image": p, "label": label} for p, label in samples])
+    else:
+        from pipelines.ingest import shard_list
+
+        names = read_class_names(class_names_file)
+        shards = shard_list([source])
+        raw = ray.data.read_webdataset(shards, decoder=None)
+
+        def rows(batch):
+            labels = [_label(c, k, len(names)) for c, k in zip(batch["cls"], batch["__key__"])]
+            return {"image": batch["jpg"], "label": np.array([l for l, _ in labels]),
+                    "problem": np.array([e for _, e in labels], dtype=object)}
+
+        ds = raw.map_batches(rows, batch_format="numpy")
+    ds = ds.map_batches(ClassifyActor, batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
+                        fn_constructor_kwargs={"model_path": str(model_path), "class_names": names,
+                                               "device": "cuda" if use_gpu else "cpu"})
+    top1 = top5 = images = 0
+    errors = []
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        top1, top5, images = top1 + int(b["top1"].sum()), top5 + int(b["top5"].sum()), images + int(b["images"].sum())
+        errors += [e for e in b["error"] if e]
+    if errors:
+        raise ValueError(f"{source}: bad samples: " + "; ".join(errors[:5]))
+    if not images:
+        raise ValueError(f"{source}: no images")
+    name = path.name if path.name else str(path)
+    return ClassificationResult(name.removesuffix(".tar"), top1 / images, top5 / images, images, len(names))
+
+
+def log_classification(result: ClassificationResult, uri: str, *, run_id: str | None = None,
+                       experiment: str = "pgseg-eval") -> str:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import _experiment_id
+
+    client = MlflowClient(uri)
+    if run_id is None:
+        run_id = client.create_run(_experiment_id(client, experiment), run_name=f"eval-{result.dataset}").info.run_id
+    client.log_metric(run_id, f"eval/{result.dataset}/top1", result.top1)
+    client.log_metric(run_id, f"eval/{result.dataset}/top5", result.top5)
+    client.log_text(run_id, result.table_text(), f"eval/{result.dataset}_classification.txt")
     return run_id

@@ -16,6 +16,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,6 +32,8 @@ TEMPLATES_ONE = ("a photo of a {}.", "a {} on a textured background.", "there is
                  "a picture showing a {}.", "a single {}.")
 TEMPLATES_MANY = ("a photo of {}.", "{} on a textured background.", "there are {} in the picture.",
                   "a picture showing {}.", "{} together.")
+# "dev" is held out for picking a checkpoint during training; "val" is what results are reported on
+SPLITS = {"train": 0, "val": 1, "dev": 3}
 MIN_VISIBLE = 0.5  # every drawn shape keeps at least half of its pixels
 
 
@@ -51,6 +54,7 @@ class ShapesWorld:
     min_radius: float = 0.15
     max_radius: float = 0.27
     colour_tie: float = 0.8
+    background_tint: float = 1.0  # how coloured the textured background may be (0 = grey)
     seed: int = 0
     classes: tuple[str, ...] = field(init=False)
 
@@ -61,6 +65,8 @@ class ShapesWorld:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if not 0 < self.min_radius <= self.max_radius < 0.5:
             raise ValueError(f"need 0 < min_radius <= max_radius < 0.5, got {self.min_radius}, {self.max_radius}")
+        if not 0 <= self.background_tint <= 1:
+            raise ValueError(f"background_tint must be in [0, 1], got {self.background_tint}")
         if not 0 <= self.colour_tie <= 1:
             raise ValueError(f"colour_tie must be in [0, 1], got {self.colour_tie}")
         if self.image_size < 16:
@@ -69,16 +75,19 @@ class ShapesWorld:
 
     # ----------------------------------------------------------------------------------------------- drawing
     def _rng(self, split: str, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, {"train": 0, "val": 1}[split], index])
+        return np.random.default_rng([self.seed, SPLITS[split], index])
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         s = self.image_size
         base = rng.uniform(90, 170, size=3)
+        base = base.mean() + self.background_tint * (base - base.mean())  # 0: grey, 1: tinted
         yy, xx = np.mgrid[0:s, 0:s] / s
         angle, freq = rng.uniform(0, math.pi), rng.uniform(2, 6)
         stripes = np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)))
         noise = rng.normal(0, 6, size=(s, s, 3))
-        img = base + 14 * stripes[..., None] * rng.uniform(0.3, 1.0, size=3) + noise
+        weights = rng.uniform(0.3, 1.0, size=3)
+        weights = weights.mean() + self.background_tint * (weights - weights.mean())
+        img = base + 14 * stripes[..., None] * weights + noise
         return np.clip(img, 0, 255).astype(np.uint8)
 
     def _colour(self, rng: np.random.Generator, name: str) -> tuple[int, int, int]:
@@ -163,7 +172,7 @@ class ShapesWorld:
         return ShapeSample(image, mask, [o[0] for o in objects], background)
 
     def caption(self, split: str, index: int, names: list[str]) -> str:
-        rng = np.random.default_rng([self.seed, 2, {"train": 0, "val": 1}[split], index])
+        rng = np.random.default_rng([self.seed, 2, SPLITS[split], index])
         counts: dict[str, int] = {}
         for name in names:
             counts[name] = counts.get(name, 0) + 1
@@ -200,15 +209,15 @@ def write_train_images(world: ShapesWorld, out_dir: str | Path, count: int) -> l
     return rows
 
 
-def write_voc_val(world: ShapesWorld, out_dir: str | Path, count: int) -> Path:
-    """Write the VOC-format validation set; returns its root."""
+def write_voc_val(world: ShapesWorld, out_dir: str | Path, count: int, split: str = "val") -> Path:
+    """Write a VOC-format evaluation set of ``split``'s images (val or dev; listed in val.txt); returns its root."""
     root = Path(out_dir)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ids = []
     for i in range(count):
-        sample = world.sample("val", i)
-        name = f"shapes_{i:06d}"
+        sample = world.sample(split, i)
+        name = f"shapes_{split}_{i:06d}"
         atomic_write_bytes(root / "JPEGImages" / f"{name}.jpg", _encode(sample.image, "JPEG", quality=95))
         palette = Image.fromarray(sample.mask, mode="P")
         palette.putpalette(VOC_PALETTE)
@@ -236,3 +245,20 @@ def write_url_list(rows: list[dict[str, str]], base_url: str, out_dir: str | Pat
     frame.to_parquet(buf, index=False)
     atomic_write_bytes(out / "part-00000.parquet", buf.getvalue())
     return out
+
+
+def download_world(www: str | Path, rows: list[dict[str, str]], urls: str | Path, shards: str | Path, spec: Any,
+                   serve: str = "http") -> dict[str, Any]:
+    """Download the written training images into webdataset shards with the download stage: served over HTTP on
+    127.0.0.1 (``serve="http"``, the way real url lists are fetched) or read through file:// URLs."""
+    from pipelines.download import download
+    from pipelines.serve import serve_directory
+
+    if serve not in ("http", "file"):
+        raise ValueError(f"serve must be 'http' or 'file', got {serve!r}")
+    if serve == "file":
+        write_url_list(rows, Path(www).resolve().as_uri(), urls)
+        return download(urls, shards, spec)
+    with serve_directory(www) as base:
+        write_url_list(rows, base, urls)
+        return download(urls, shards, spec)

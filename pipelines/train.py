@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"  # model, optimiser, scheduler, scaler, step, data position (rank 0)
 RANK_FILE = "rank{rank}.pt"  # each rank's RNG streams and digests of its parameters and prototype buffers
 MODEL_FILE = "model.safetensors"  # the final model, in our format (pgseg.checkpoint.load_model reads it)
+BEST_MODEL_FILE = "model_best.safetensors"  # the model with the best eval.datasets[0] mIoU during training
 DATA_CPUS = 1.0  # CPUs left to Ray Data's read/decode tasks on a machine that also trains
 FAULT_ENV = "PGSEG_FAULT_INJECT"  # drills: "kill@STEP[:RANK]" (SIGKILL once per run), "nan@STEP" (a NaN loss)
 
@@ -101,6 +102,13 @@ def plan_training(config: Config, *, samples_per_epoch: int | None = None) -> Pl
                           f"{global_batch}) is larger than an epoch ({samples} samples)")
     name = t.name or time.strftime("pgseg-%Y%m%d-%H%M%S")
     storage = t.storage_path if _is_uri(t.storage_path) else str(Path(t.storage_path).resolve())
+    from pgseg.datasets import open_dataset
+
+    for i, spec in enumerate(config.eval.datasets):  # scored during training: readable before any worker starts
+        try:
+            open_dataset(spec)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"eval.datasets[{i}]: {exc}") from None
     return Plan(config, name, storage, samples, steps_per_epoch, steps_per_epoch * config.schedule.epochs, shards)
 
 
@@ -324,11 +332,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp_kwargs)
 
     stepper = Stepper(config, steps_per_epoch, device, rank=rank, world=world, init=checkpoint is None, wrap=wrap)
-    step, in_pass, nonfinite = 0, 0, 0
+    step, in_pass, nonfinite, best = 0, 0, 0, float("-inf")
     if checkpoint is not None:
         state, rng = _load_state(checkpoint, rank)
         stepper.load_state_dict(state)
         step, in_pass, nonfinite = state["step"], state["batches_in_pass"], state["nonfinite_steps"]
+        best = state.get("best_eval", best)
         if rng is not None and state["world_size"] == world:
             _set_rng_state(rng)
         if rank == 0:
@@ -340,6 +349,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     batches = _batches(ray.train.get_dataset_shard("train"), data.batch_size, data.shuffle_buffer,
                        data.seed if t.deterministic else None, device, skip=in_pass if t.deterministic else 0)
     stop_at = min(total, t.stop_after or total)
+    e = config.eval
+    eval_every = e.every_steps or e.every_epochs * steps_per_epoch if e.datasets else 0
+    scorer = TrainingEval(config, loop.get("best_model")) if rank == 0 and eval_every else None
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
 
@@ -351,6 +363,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save({**stepper.state_dict(), "step": at_step, "epoch": at_step // steps_per_epoch,
                             "batches_in_pass": consumed, "nonfinite_steps": nonfinite, "world_size": world,
+                            "best_eval": best,
                             "config": dump_config(config)}, Path(folder) / STATE_FILE)
             torch.save({"rng": _rng_state(), "digests": state_digests(stepper.model)},
                        Path(folder) / RANK_FILE.format(rank=rank))
@@ -375,7 +388,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         step += 1
         if "kill" in faults and faults["kill"] == (step, rank):
             _kill_once(Path(loop["fault_marker_dir"]) / f"kill-{step}-{rank}")
-        checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at
+        eval_now = bool(eval_every) and (step % eval_every == 0 or step == total)
+        checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at or eval_now
         if not (checkpoint_now or step % config.tracking.log_every == 0):
             continue
         now = time.perf_counter()
@@ -388,14 +402,53 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics.update({k: v / window_steps for k, v in timing.items()})
         if rank == 0 and counter is not None:
             metrics.update({f"skips/{k}": v for k, v in ray.get(counter.totals.remote()).items()})
+        if scorer is not None and eval_now:  # the other ranks wait in the report below
+            scores, best = scorer(stepper.model, best)
+            metrics.update(scores)
         timing = dict.fromkeys(timing, 0.0)
-        window_start, window_steps = now, 0
+        window_start, window_steps = time.perf_counter(), 0
         if metrics_log is not None:
             metrics_log.log(step, {k: v for k, v in metrics.items() if k != "step"})
         if checkpoint_now:  # Ray Train hears of metrics with checkpoints only: a report is a barrier that costs
             save(metrics, step, in_pass + 1)  # about a second here, so per-step curves go to MLflow alone
     if metrics_log is not None:
         metrics_log.flush()
+
+
+class TrainingEval:
+    """Evaluation during training (rank 0, in process): zero-shot mIoU of a copy of the model on each of
+    ``eval.datasets``; when the first one's mIoU beats the best so far, the model is written to ``best_path``."""
+
+    def __init__(self, config: Config, best_path: str | None):
+        from pgseg.datasets import open_dataset
+        from pgseg.segment import ProtocolSettings
+
+        e = config.eval
+        self.config, self.best_path = config, best_path
+        self.datasets = [open_dataset(spec) for spec in e.datasets]
+        self.settings = [ProtocolSettings(window=e.window, stride=e.stride, short_side=e.short_side,
+                                          bg_thresh=e.bg_thresh if e.bg_thresh is not None else d.bg_thresh)
+                         for d in self.datasets]
+
+    def __call__(self, model: torch.nn.Module, best: float) -> tuple[dict[str, float], float]:
+        import copy
+
+        from pgseg.checkpoint import save_model
+        from pipelines.evaluate import evaluate_in_process
+
+        frozen = copy.deepcopy(model).eval()  # nothing of the training model changes (buffers included)
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for i, (dataset, settings) in enumerate(zip(self.datasets, self.settings)):
+                scores, baseline = evaluate_in_process(frozen, dataset, settings)
+                out[f"eval/{dataset.name}/mIoU"] = scores.miou
+                if i == 0:
+                    out["eval/best_mIoU"] = max(best, scores.miou)
+                    if scores.miou > best:
+                        best = scores.miou
+                        if self.best_path:
+                            save_model(frozen, self.config, self.best_path)
+        return out, best
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -454,7 +507,8 @@ def fit(plan: Plan, *, dataset: Any = None) -> TrainResult:
     marker_dir = plan.local_run_dir or Path(tempfile.gettempdir()) / "pgseg-faults" / plan.name
     loop = {"config": to_dict(config), "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
             "run_id": run_id, "tracking_uri": uri, "skip_counter": counter, "faults": os.environ.get(FAULT_ENV),
-            "fault_marker_dir": str(marker_dir / ".faults")}
+            "fault_marker_dir": str(marker_dir / ".faults"),
+            "best_model": str(plan.local_run_dir / BEST_MODEL_FILE) if plan.local_run_dir else None}
     parse_faults(loop["faults"])  # a malformed drill fails here, not in the workers
     data_config = None
     if t.deterministic:

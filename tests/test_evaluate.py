@@ -37,3 +37,32 @@ def test_eval_prints_the_table_it_logs_to_mlflow(ray_local, trained_tiny, shapes
     assert f"eval/{name}_overlays.png" in artifacts and f"eval/{name}_iou.md" in artifacts
     # the mIoU is the mean of the per-class IoUs it shows
     assert miou == pytest.approx(100 * np.nanmean(list(rows.values())), abs=0.01)
+
+
+def test_eval_names_a_bad_mask_and_logs_nothing(ray_local, trained_tiny, shapes_data, mlflow_server, tmp_path, capsys):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from jobs.evaluate import main
+    from pgseg.visualize import PALETTE
+
+    root = tmp_path / "val"
+    shutil.copytree(shapes_data["val"], root)
+    bad = sorted((root / "SegmentationClass").glob("*.png"))[3]
+    mask = np.array(Image.open(bad))
+    mask[:4, :4] = 17  # not a class of this 5-class set, not 255
+    poisoned = Image.fromarray(mask, mode="P")
+    poisoned.putpalette(PALETTE)
+    poisoned.save(bad)
+    experiments_before = {e.name for e in MlflowClient(mlflow_server).search_experiments()}
+    runs_before = len(MlflowClient(mlflow_server).search_runs(
+        [e.experiment_id for e in MlflowClient(mlflow_server).search_experiments()]))
+    rc = main(["--checkpoint", str(trained_tiny), "--dataset", f"voc:{root}", "--track", mlflow_server])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert bad.name in err and "17" in err
+    client = MlflowClient(mlflow_server)
+    assert {e.name for e in client.search_experiments()} == experiments_before
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before

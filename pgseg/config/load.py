@@ -114,6 +114,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if value is not None and len(options) == 1:  # X | None: X's own message
+            return _coerce(value, options[0], key)
         for option in get_args(tp):
             try:
                 return _coerce(value, option, key)
@@ -133,6 +136,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         (item_tp,) = get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -164,7 +173,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for raw_key, value in data.items():
         name = _ALIASES.get(raw_key, raw_key)

@@ -253,8 +253,10 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
+    # held-out sets (KIND:ROOT) scored during training, in process on rank 0; the first one picks model_best
     datasets: list[str] = field(default_factory=list)
     every_epochs: int = 1
+    every_steps: int = 0  # > 0: score every this many steps instead of every_epochs
     window: int = 448
     stride: int = 224
     short_side: int = 448
@@ -262,6 +264,9 @@ class EvalConfig:
 
     def validate(self, key: str) -> None:
         _require(self.every_epochs >= 0, f"{key}.every_epochs", "must be >= 0")
+        _require(self.every_steps >= 0, f"{key}.every_steps", "must be >= 0")
+        for i, spec in enumerate(self.datasets):
+            _require(":" in spec, f"{key}.datasets[{i}]", f"expected KIND:ROOT, got {spec!r}")
         _require(self.window > 0 and 0 < self.stride <= self.window, f"{key}.stride", "must be in (0, window]")
         _require(self.bg_thresh is None or 0 <= self.bg_thresh <= 1, f"{key}.bg_thresh", "must be in [0, 1]")
 

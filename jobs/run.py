@@ -1,0 +1,127 @@
+"""``pgseg run EXPERIMENT.yaml`` / ``python -m jobs.run`` (for ``ray job submit``): the stages an experiment names —
+sources → download → train → evaluate — as one workflow; finished stages with unchanged inputs are skipped, a failed
+stage is redone by the next run. ``pgseg quickstart`` runs ``configs/experiments/quickstart.yaml``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICKSTART = CONFIGS / "experiments" / "quickstart.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="an experiment YAML (see configs/experiments/)")
+    _common(p)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. train.optim.lr=1e-4 or download.processes_count=8 (repeatable)")
+    p.add_argument("--workdir", default=None, help="where the stages write (default: the experiment's workdir)")
+    p.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                   help="run this stage (and the ones after it) even if it finished before")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run an experiment's stages as one workflow (skips what is done)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+    q = sub.add_parser("quickstart", help="the whole pipeline on a generated shapes world, on this machine")
+    q.add_argument("--minutes", type=float, default=None,
+                   help="train longer (or shorter): scales the training epochs from the default 15-minute budget")
+    _common(q)
+    q.set_defaults(func=quickstart, experiment=str(QUICKSTART))
+
+
+def _load(args: argparse.Namespace, extra: list[str] = ()):
+    from pgseg.config import ConfigError
+    from pipelines.workflow import load_experiment
+
+    overrides = list(args.set) + list(extra) + ([f"workdir={args.workdir}"] if args.workdir else []) + \
+        ([f"address={args.address}"] if args.address else [])
+    try:
+        return load_experiment(args.experiment, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _execute(experiment, args: argparse.Namespace) -> tuple[int, object]:
+    import logging
+
+    from pgseg.config import ConfigError
+    from pipelines.workflow import WorkflowError, run_workflow
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = run_workflow(experiment, redo=args.redo)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2, None
+    except WorkflowError as exc:
+        print(exc.result.table_text())
+        print(f"error: {exc}\nrun the same command again to redo the failed stage and the ones after it",
+              file=sys.stderr)
+        return 1, exc.result
+    print(result.table_text())
+    return 0, result
+
+
+def run(args: argparse.Namespace) -> int:
+    experiment = _load(args)
+    if experiment is None:
+        return 2
+    return _execute(experiment, args)[0]
+
+
+def quickstart(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the embedded Ray stays on 127.0.0.1
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    extra = []
+    if args.minutes is not None:
+        if args.minutes <= 0:
+            print("error: --minutes must be > 0", file=sys.stderr)
+            return 2
+        base = _load(args)
+        if base is None:
+            return 2
+        from pipelines.workflow import training_config
+
+        epochs = training_config(base).schedule.epochs
+        extra.append(f"train.schedule.epochs={max(1, round(epochs * args.minutes / 15))}")
+    experiment = _load(args, extra)
+    if experiment is None:
+        return 2
+    start = time.perf_counter()
+    rc, result = _execute(experiment, args)
+    if result is None:
+        return rc
+    from pipelines.tracking import resolve_uri
+
+    uri = resolve_uri(experiment.tracking.uri)
+    print(f"\nquickstart: {time.perf_counter() - start:.0f} s in all; results in {experiment.root}")
+    evaluated = next((o.record for o in result.outcomes if o.stage == "evaluate" and o.record), None)
+    if evaluated is not None:
+        print(f"example overlays: {experiment.root / 'eval'}")
+    if uri.startswith("sqlite:///"):
+        print(f"look at the runs:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} "
+              f"--host 127.0.0.1 --workers 1   (then open http://127.0.0.1:5000)")
+    else:
+        print(f"look at the runs in MLflow at {uri}")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .runtime import entrypoint
+
+    return entrypoint("python -m jobs.run", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

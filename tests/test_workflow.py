@@ -1,0 +1,138 @@
+"""`pgseg run`: an experiment's stages as one workflow with manifests — a failed stage is redone (and the stages
+after it) while the ones before it are skipped; a finished experiment run again skips every stage. Real parts: the
+shapes world served over HTTP on 127.0.0.1, img2dataset shards, Ray Train on the local Ray, Ray Data evaluation, a
+real MLflow server."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def _experiment(tmp_path: Path, uri: str | None) -> Path:
+    spec = {
+        "name": "wf",
+        "workdir": str(tmp_path / "wf"),
+        "tracking": {"uri": uri, "experiment": "wf-test"} if uri else {"enabled": False},
+        "sources": {"shapes": {"world": {"num_classes": 3, "image_size": 64, "max_objects": 2, "seed": 3},
+                               "train_images": 256, "val_images": 6, "dev_images": 4, "serve": "http"}},
+        "download": {"image_size": 64, "number_sample_per_shard": 128, "processes_count": 1, "thread_count": 4},
+        "train": {"base": "tiny", "data": {"batch_size": 16, "augment": False}, "schedule": {"epochs": 1},
+                  "train": {"workers": 1, "cpus_per_worker": 0.5, "checkpoint_every": 100, "nonfinite": "stop"},
+                  "tracking": {"log_every": 4}, "eval": {"every_steps": 8}},
+        "evaluate": {"datasets": ["shapes"], "overlays": 2},
+    }
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _statuses(result) -> dict[str, str]:
+    return {o.stage: o.status for o in result.outcomes}
+
+
+def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_local, mlflow_server, tmp_path,
+                                                                         monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.workflow import WorkflowError, load_experiment, read_record, run_workflow
+
+    experiment = load_experiment(_experiment(tmp_path, mlflow_server))
+    root = experiment.root
+    # 1. training is made to fail (a non-finite loss at step 5 with nonfinite=stop): the stages before it are done
+    monkeypatch.setenv("PGSEG_FAULT_INJECT", "nan@5")
+    with pytest.raises(WorkflowError) as failure:
+        run_workflow(experiment, printer=lambda _: None)
+    assert failure.value.stage == "train"
+    assert _statuses(failure.value.result) == {"sources": "ran", "download": "ran", "train": "failed"}
+    assert read_record(root, "download") is not None and read_record(root, "train") is None
+    shards_before = {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")}
+    assert len(shards_before) == 2
+    # 2. run again: sources and download are skipped, training continues and evaluation runs
+    monkeypatch.delenv("PGSEG_FAULT_INJECT")
+    second = run_workflow(experiment, printer=lambda _: None)
+    assert _statuses(second) == {"sources": "skipped", "download": "skipped", "train": "ran", "evaluate": "ran"}
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")} == shards_before
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert set(results) == {"val"} and results["val"]["images"] == 6
+    assert 0.0 <= results["val"]["miou"] <= 1.0 and 0.0 < results["val"]["all_background_miou"] < 1.0
+    assert len(list((root / "eval").glob("val_overlay_*.png"))) == 2
+    # the workflow's MLflow run links its stages: the training run (one, continued after the failure) is its child
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("wf-test")
+    workflow_runs = client.search_runs([exp.experiment_id], "tags.`pgseg.workflow` = 'wf'")
+    assert len(workflow_runs) == 1
+    wf = workflow_runs[0]
+    train_id = wf.data.tags["stage.train.run_id"]
+    train_runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "wf"]
+    assert [r.info.run_id for r in train_runs] == [train_id]
+    assert train_runs[0].data.tags["mlflow.parentRunId"] == wf.info.run_id
+    assert train_runs[0].data.metrics["eval/val/mIoU"] == pytest.approx(results["val"]["miou"])
+    assert wf.data.metrics["eval/val/mIoU"] == pytest.approx(results["val"]["miou"])
+    history = client.get_metric_history(train_id, "eval/dev/mIoU")  # scored during training (every 8 steps)
+    assert sorted(m.step for m in history) == [8, 16]
+    steps = [m.step for m in client.get_metric_history(train_id, "loss")]
+    assert steps == sorted(set(steps)) and max(steps) == 16  # resumed, each step once
+    # 3. a finished experiment run again: every stage skipped, nothing rewritten
+    mtime = (root / "eval" / "results.json").stat().st_mtime_ns
+    third = run_workflow(experiment, printer=lambda _: None)
+    assert set(_statuses(third).values()) == {"skipped"}
+    assert (root / "eval" / "results.json").stat().st_mtime_ns == mtime
+    # 4. asked to redo evaluation: only evaluation runs
+    fourth = run_workflow(experiment, redo=["evaluate"], printer=lambda _: None)
+    assert _statuses(fourth) == {"sources": "skipped", "download": "skipped", "train": "skipped", "evaluate": "ran"}
+
+
+def test_a_changed_section_reruns_that_stage_and_the_ones_after(tmp_path):
+    """Input hashes: changing the evaluate section changes only its hash; changing download's changes download's
+    and (through the digests chain at run time) everything after it."""
+    from pipelines.workflow import load_experiment, stage_section
+
+    path = _experiment(tmp_path, None)
+    base = load_experiment(path)
+    changed = load_experiment(path, ["evaluate.overlays=3"])
+    same = [s for s in base.stages if stage_section(base, s) == stage_section(changed, s)]
+    assert same == ["sources", "download", "train"]
+    changed = load_experiment(path, ["train.optim.lr=0.002"])
+    assert [s for s in base.stages if stage_section(base, s) != stage_section(changed, s)] == ["train"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optim.lrr=1", "train.optim.lrr: unknown key"),
+    ("download.foo=1", "download.foo: unknown key"),
+    ("sources.shapes.world.num_classes=99", "sources.shapes.world: num_classes must be in [1, 8]"),
+    ("evaluate.datasets=[]", "evaluate.datasets: give at least one"),
+    ("train.eval.datasets=[nocolon]", "train.eval.datasets[0]: expected KIND:ROOT"),
+])
+def test_experiment_errors_name_the_key_before_anything_runs(tmp_path, override, message):
+    from pgseg.config import ConfigError
+    from pipelines.workflow import load_experiment
+
+    path = _experiment(tmp_path, None)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path, [override])
+    assert message in str(err.value)
+    assert not (tmp_path / "wf").exists()
+
+
+def test_cli_reports_a_bad_experiment_with_exit_2(tmp_path, capsys):
+    from jobs.cli import main
+
+    (tmp_path / "bad.yaml").write_text("name: x\nstages: [train]\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert "stages: unknown key" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_ready_experiments_load():
+    from pipelines.workflow import load_experiment
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert {"quickstart", "paper_cc12m", "paper_cc12m_redcaps", "official_groupvit_init"} <= set(names)
+    for name in names:
+        experiment = load_experiment(folder / f"{name}.yaml")
+        assert experiment.stages[-1] == "evaluate"
