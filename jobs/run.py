@@ -57,6 +57,7 @@ def _execute(experiment, args: argparse.Namespace) -> tuple[int, object]:
     from pipelines.workflow import WorkflowError, run_workflow
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("ray").setLevel(logging.WARNING)  # our stages say what happens; Ray's INFO lines drown it
     try:
         result = run_workflow(experiment, redo=args.redo)
     except ConfigError as exc:
@@ -82,7 +83,7 @@ def quickstart(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the embedded Ray stays on 127.0.0.1
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray needs no token
     extra = []
     if args.minutes is not None:
         if args.minutes <= 0:

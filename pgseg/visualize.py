@@ -33,11 +33,18 @@ def palette_mask(labels: torch.Tensor | np.ndarray) -> Image.Image:
     return image
 
 
+MIN_SIDE = 192  # overlays of smaller images are enlarged (nearest neighbour) to this short side
+
+
 def overlay(image: Image.Image, labels: torch.Tensor | np.ndarray, names: Sequence[str], alpha: float = 0.5,
             legend: bool = True) -> Image.Image:
     """The image with its label colours blended in (background, label 0 when named so, left clear) and a legend of
     the labels present."""
     arr = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    factor = -(-MIN_SIDE // min(arr.shape)) if min(arr.shape) < MIN_SIDE else 1
+    if factor > 1:  # small images (the shapes world's 64 px) drawn large enough to see
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+        arr = arr.repeat(factor, axis=0).repeat(factor, axis=1)
     colours = np.array(PALETTE, np.uint8).reshape(256, 3)[arr.astype(np.int64) % 256]
     base = np.asarray(image.convert("RGB"), np.float32)
     blend = base * (1 - alpha) + colours.astype(np.float32) * alpha

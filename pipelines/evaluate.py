@@ -72,8 +72,8 @@ class SegmentActor:
                 errors.append(str(exc))
             else:
                 errors.append("")
-            pairs.append(codes)
-            counts.append(n)
+            pairs.append(codes.astype(np.int64).tobytes())  # bytes: one column type whatever the lengths
+            counts.append(n.astype(np.int64).tobytes())
             if sid in self.overlay_ids and labels is not None:
                 buf = io.BytesIO()
                 overlay(image, labels, self.segmenter.names).save(buf, format="PNG")
@@ -148,7 +148,8 @@ def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSe
         raise ValueError(f"{dataset.name}: {len(errors)} bad sample(s): " + "; ".join(errors[:5]) + more)
     for batch in batches:
         for sid, pairs, counts, picture in zip(batch["id"], batch["pairs"], batch["counts"], batch["overlay"]):
-            flat.index_add_(0, torch.as_tensor(pairs, dtype=torch.long), torch.as_tensor(counts, dtype=torch.long))
+            flat.index_add_(0, torch.from_numpy(np.frombuffer(pairs, np.int64).copy()),
+                            torch.from_numpy(np.frombuffer(counts, np.int64).copy()))
             images += 1
             if picture:
                 pictures[str(sid)] = picture

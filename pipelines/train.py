@@ -318,6 +318,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     from pipelines.tracking import MetricLogger
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint
     config = load_config(loop["config"])
     t, data = config.train, config.data
     steps_per_epoch, total = loop["steps_per_epoch"], loop["total_steps"]

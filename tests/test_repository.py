@@ -1,4 +1,4 @@
-"""The README's test command is exactly what CI runs, and the science package never imports Ray or MLflow."""
+"""The README starts with the quickstart and the test command, which is exactly what CI runs; and the science package never imports Ray or MLflow."""
 import re
 import subprocess
 import sys
@@ -6,12 +6,15 @@ import sys
 from conftest import REPO
 
 
-def test_ci_runs_the_readme_test_command():
+def test_readme_starts_with_the_quickstart_and_the_test_command_ci_runs():
     readme = (REPO / "README.md").read_text()
-    first_block = re.search(r"```bash\n(.+?)\n```", readme, re.S).group(1).strip()
+    first_block = re.search(r"```bash\n(.+?)\n```", readme, re.S).group(1).strip().splitlines()
+    assert len(first_block) == 2
+    quickstart, tests = first_block
+    assert quickstart.endswith("pgseg quickstart") and "pip install -e" in quickstart
     ci_lines = [l for l in (REPO / ".ci/run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd ", "export "))]
-    assert ci_lines == [first_block]
-    assert "pytest" in first_block
+    assert ci_lines == [tests]
+    assert "pytest" in tests
 
 
 def test_pgseg_imports_without_ray_or_mlflow():
@@ -25,4 +28,4 @@ def test_pgseg_imports_without_ray_or_mlflow():
 def test_pgseg_command_help():
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
-    assert proc.returncode == 0 and "convert" in proc.stdout
+    assert proc.returncode == 0 and all(c in proc.stdout for c in ("convert", "run", "quickstart", "eval", "segment"))
