@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,31 +62,26 @@ def run(args: argparse.Namespace) -> int:
     init_ray(args.address)
     e = config.eval
     run_id = args.run_id
+    tasks = []  # (evaluation, its MLflow logger): segmentation sets first, then classification sets
     for dataset in datasets:
         bg = args.bg_thresh if args.bg_thresh is not None else (e.bg_thresh if e.bg_thresh is not None
                                                                  else dataset.bg_thresh)
         settings = ProtocolSettings(window=args.window or e.window, stride=args.stride or e.stride,
                                     short_side=args.short_side or e.short_side, bg_thresh=bg)
-        try:
-            result = evaluate(args.checkpoint, dataset, settings, actors=args.actors, use_gpu=args.gpu,
-                              true_labels=args.true_labels, overlays=args.overlays)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(result.table_text())
-        if not args.no_track:
-            run_id = log_to_mlflow(result, resolve_uri(args.track), run_id=run_id)
-            print(f"logged to MLflow run {run_id}")
+        tasks.append((partial(evaluate, args.checkpoint, dataset, settings, actors=args.actors, use_gpu=args.gpu,
+                              true_labels=args.true_labels, overlays=args.overlays), log_to_mlflow))
     for source in args.classification:
+        tasks.append((partial(evaluate_classification, args.checkpoint, source, args.class_names,
+                              actors=args.actors, use_gpu=args.gpu), log_classification))
+    for run_evaluation, log_result in tasks:
         try:
-            result = evaluate_classification(args.checkpoint, source, args.class_names, actors=args.actors,
-                                             use_gpu=args.gpu)
+            result = run_evaluation()
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(result.table_text())
         if not args.no_track:
-            run_id = log_classification(result, resolve_uri(args.track), run_id=run_id)
+            run_id = log_result(result, resolve_uri(args.track), run_id=run_id)
             print(f"logged to MLflow run {run_id}")
     return 0
 

@@ -107,8 +107,14 @@ def quickstart(args: argparse.Namespace) -> int:
 
     uri = resolve_uri(experiment.tracking.uri)
     print(f"\nquickstart: {time.perf_counter() - start:.0f} s in all; results in {experiment.root}")
-    evaluated = next((o.record for o in result.outcomes if o.stage == "evaluate" and o.record), None)
+    evaluated = next((o for o in result.outcomes if o.stage == "evaluate" and o.record), None)
     if evaluated is not None:
+        import json
+
+        if evaluated.status == "skipped":  # the figures of the run that made them
+            for name, r in json.loads(Path(evaluated.record.outputs["results"]).read_text()).items():
+                print(f"{name}: mIoU {100 * r['miou']:.2f} (all-background {100 * r['all_background_miou']:.2f}), "
+                      f"evaluated before on {r['images']} images with {r['model']}")
         print(f"example overlays: {experiment.root / 'eval'}")
     if uri.startswith("sqlite:///"):
         print(f"look at the runs:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} "

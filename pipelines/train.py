@@ -310,6 +310,17 @@ class Stepper:
                           {"time/compute": t1 - t0, "time/optim": time.perf_counter() - t1})
 
 
+def _quiet_reports() -> None:
+    """No log line per report and checkpoint from the workers (Ray Train names one of these loggers by its file
+    path, out of reach of its LoggingConfig)."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker: build, restore, train, checkpoint, report."""
     import ray.train
@@ -318,7 +329,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     from pipelines.tracking import MetricLogger
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint
+    _quiet_reports()
     config = load_config(loop["config"])
     t, data = config.train, config.data
     steps_per_epoch, total = loop["steps_per_epoch"], loop["total_steps"]
