@@ -364,6 +364,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     e = config.eval
     eval_every = e.every_steps or e.every_epochs * steps_per_epoch if e.datasets else 0
     scorer = TrainingEval(config, loop.get("best_model")) if rank == 0 and eval_every else None
+    latest_eval: dict[str, float] = {}
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
 
@@ -401,8 +402,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if "kill" in faults and faults["kill"] == (step, rank):
             _kill_once(Path(loop["fault_marker_dir"]) / f"kill-{step}-{rank}")
         eval_now = bool(eval_every) and (step % eval_every == 0 or step == total)
-        checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at or eval_now
-        if not (checkpoint_now or step % config.tracking.log_every == 0):
+        checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at
+        if not (checkpoint_now or eval_now or step % config.tracking.log_every == 0):
             continue
         now = time.perf_counter()
         metrics: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch,
@@ -414,15 +415,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics.update({k: v / window_steps for k, v in timing.items()})
         if rank == 0 and counter is not None:
             metrics.update({f"skips/{k}": v for k, v in ray.get(counter.totals.remote()).items()})
-        if scorer is not None and eval_now:  # the other ranks wait in the report below
-            scores, best = scorer(stepper.model, best)
-            metrics.update(scores)
+        if scorer is not None and eval_now:  # the other ranks wait for rank 0 in the next gradient all-reduce
+            latest_eval, best = scorer(stepper.model, best)
+            metrics.update(latest_eval)
         timing = dict.fromkeys(timing, 0.0)
         window_start, window_steps = time.perf_counter(), 0
         if metrics_log is not None:
             metrics_log.log(step, {k: v for k, v in metrics.items() if k != "step"})
-        if checkpoint_now:  # Ray Train hears of metrics with checkpoints only: a report is a barrier that costs
-            save(metrics, step, in_pass + 1)  # about a second here, so per-step curves go to MLflow alone
+        if checkpoint_now:  # Ray Train hears of metrics (and the latest eval scores, e.g. for Tune) with
+            save({**latest_eval, **metrics}, step, in_pass + 1)  # checkpoints only: a report is a barrier that
+            # costs about a second here, so per-step curves go to MLflow alone
     if metrics_log is not None:
         metrics_log.flush()
 
