@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from pgseg.config import ConfigError
-from pgseg.config.load import deep_merge, from_dict, parse_override, to_dict
+from pgseg.config.load import deep_merge, from_dict, parse_override, read_mapping, to_dict
 from pgseg.fileio import atomic_write_bytes, atomic_write_json
 from pipelines.download import DownloadSpec
 from pipelines.sources import SourceSpec
@@ -101,14 +101,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     Every problem — unknown keys, bad types, a training config that does not validate — is a ConfigError naming
     the key, before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"experiment {path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"experiment {path}: the top level must be a mapping")
+    raw = read_mapping(path, "experiment")
     for item in overrides:
         raw = deep_merge(raw, parse_override(item))
     raw["source_dir"] = str(path.parent.resolve())

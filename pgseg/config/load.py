@@ -36,6 +36,20 @@ def _resolve_source(name_or_path: str | Path, relative_to: Path | None = None) -
     return path
 
 
+def read_mapping(path: str | Path, kind: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an experiment, a sweep); errors name the ``kind`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{kind} {path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{kind} {path}: the top level must be a mapping")
+    return data
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
