@@ -84,6 +84,11 @@ class SegmentActor:
                 "overlay": np.array(pictures, dtype=object), "error": np.array(errors, dtype=object)}
 
 
+def _all_background_miou(matrix: ConfusionMatrix, settings: ProtocolSettings) -> float:
+    """The baseline beside a model's mIoU: label 0 everywhere (nan without a background class)."""
+    return matrix.constant_prediction(0).scores().miou if settings.bg_thresh is not None else float("nan")
+
+
 def evaluate_in_process(model: Any, dataset: SegmentationDataset, settings: ProtocolSettings,
                         true_labels: bool = False) -> tuple[SegmentationScores, float]:
     """The same figures without Ray, in this process (evaluation during training on a small held-out set):
@@ -97,8 +102,7 @@ def evaluate_in_process(model: Any, dataset: SegmentationDataset, settings: Prot
         codes, counts, _, _ = score_sample(segmenter, str(sample.image), str(sample.mask), len(dataset.class_names),
                                            dataset.reader, true_labels)
         flat.index_add_(0, torch.as_tensor(codes), torch.as_tensor(counts))
-    baseline = matrix.constant_prediction(0).scores().miou if settings.bg_thresh is not None else float("nan")
-    return matrix.scores(), baseline
+    return matrix.scores(), _all_background_miou(matrix, settings)
 
 
 @dataclass
@@ -153,9 +157,8 @@ def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSe
             images += 1
             if picture:
                 pictures[str(sid)] = picture
-    baseline = matrix.constant_prediction(0).scores().miou if settings.bg_thresh is not None else float("nan")
     return EvalResult(dataset.name, matrix.scores(), settings, images,
-                      [pictures[i] for i in overlay_ids if i in pictures], baseline)
+                      [pictures[i] for i in overlay_ids if i in pictures], _all_background_miou(matrix, settings))
 
 
 def log_to_mlflow(result: EvalResult, uri: str, *, run_id: str | None = None, experiment: str = "pgseg-eval",

@@ -223,6 +223,7 @@ class Context:
     records: dict[str, StageRecord] = field(default_factory=dict)
     ray_started: bool = False
     printer: Callable[[str], None] = print
+    train_config: Any = None  # the resolved training config, made once per run
 
     def ray(self) -> None:
         if not self.ray_started:
@@ -296,7 +297,7 @@ def _stage_download(ctx: Context) -> StageRecord:
 def _stage_train(ctx: Context) -> StageRecord:
     from pipelines.train import TrainingError, fit, plan_training
 
-    config = training_config(ctx.experiment)
+    config = ctx.train_config
     plan = plan_training(config)
     ctx.ray()
     result = fit(plan)  # checks the cluster's resources first
@@ -325,7 +326,7 @@ def _stage_evaluate(ctx: Context) -> StageRecord:
     train = ctx.records["train"]
     model = train.outputs.get("best_model") if section.model == "best" else None
     model = model or train.outputs["model"]
-    e = training_config(ctx.experiment).eval
+    e = ctx.train_config.eval
     out = ctx.root / "eval"
     out.mkdir(parents=True, exist_ok=True)
     datasets = []
@@ -362,10 +363,10 @@ RUNNERS: dict[str, Callable[[Context], StageRecord]] = {
     "sources": _stage_sources, "download": _stage_download, "train": _stage_train, "evaluate": _stage_evaluate}
 
 
-def stage_section(experiment: Experiment, stage: str) -> Any:
+def stage_section(experiment: Experiment, stage: str, train_config: Any = None) -> Any:
     """What a stage's input hash covers of the experiment (besides the digests of the stages before it)."""
     if stage == "train":
-        return to_dict(training_config(experiment))
+        return to_dict(train_config or training_config(experiment))
     value = getattr(experiment, stage)
     section = to_dict(value) if hasattr(value, "__dataclass_fields__") else value
     if stage == "download":
@@ -446,12 +447,14 @@ def run_workflow(experiment: Experiment, *, redo: list[str] = (), printer: Calla
     root = experiment.root
     (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
     uri = resolve_uri(experiment.tracking.uri) if experiment.tracking.enabled else None
-    ctx = Context(experiment, root, uri, _start_workflow_run(experiment, uri) if uri else None, printer=printer)
+    ctx = Context(experiment, root, uri, _start_workflow_run(experiment, uri) if uri else None, printer=printer,
+                  train_config=training_config(experiment) if experiment.train is not None else None)
     outcomes: list[StageOutcome] = []
     upstream: list[str] = []
     ran_before = False
     for stage in experiment.stages:
-        input_hash = _hash({"stage": stage, "section": stage_section(experiment, stage), "upstream": upstream})
+        input_hash = _hash({"stage": stage, "section": stage_section(experiment, stage, ctx.train_config),
+                            "upstream": upstream})
         record = read_record(root, stage)
         if (not ran_before and stage not in redo and record is not None and record.input_hash == input_hash
                 and _outputs_present(record)):
