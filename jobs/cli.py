@@ -19,7 +19,7 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, data, evaluate, run, segment, train
+    from . import convert, data, evaluate, run, segment, sweep, train
 
     parser = argparse.ArgumentParser(prog="pgseg", description="PGSeg on Ray: weakly open-vocabulary segmentation.")
     parser.add_argument("--version", action="version", version=f"pgseg {__version__}")
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_parser(sub)
     evaluate.add_parser(sub)
     run.add_parser(sub)
+    sweep.add_parser(sub)
     p = sub.add_parser("config", help="print a resolved config (preset or YAML, with --set overrides)")
     p.add_argument("config", nargs="?", default=None, help="preset name or YAML path (default: pgseg_vit_s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")

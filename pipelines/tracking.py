@@ -62,10 +62,10 @@ def _experiment_id(client: Any, name: str) -> str:
 
 
 def start_training_run(uri: str, experiment: str, run_name: str, run_key: str, params: dict[str, Any],
-                       config_yaml: str) -> tuple[str, bool]:
+                       config_yaml: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The MLflow run of a training run: found again by its key (storage folder + name) when the run continues,
-    created otherwise with the flattened config as params and the resolved config as an artifact.
-    Returns (run id, whether it was resumed)."""
+    created otherwise with the flattened config as params, ``tags`` (e.g. ``mlflow.parentRunId``) and the resolved
+    config as an artifact. Returns (run id, whether it was resumed)."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
@@ -76,7 +76,7 @@ def start_training_run(uri: str, experiment: str, run_name: str, run_key: str, p
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    tags = {RUN_KEY_TAG: run_key}
+    tags = {**(tags or {}), RUN_KEY_TAG: run_key}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit

@@ -401,12 +401,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         step += 1
         if "kill" in faults and faults["kill"] == (step, rank):
             _kill_once(Path(loop["fault_marker_dir"]) / f"kill-{step}-{rank}")
-        eval_now = bool(eval_every) and (step % eval_every == 0 or step == total)
         checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at
+        # every checkpoint's report carries eval scores (a sweep's scheduler reads them): the first one scores
+        eval_now = bool(eval_every) and (step % eval_every == 0 or step == total or (checkpoint_now and not latest_eval))
         if not (checkpoint_now or eval_now or step % config.tracking.log_every == 0):
             continue
         now = time.perf_counter()
-        metrics: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch,
+        metrics: dict[str, Any] = {"step": step, "total_steps": total, "epoch": step / steps_per_epoch,
                                    "lr": stepper.optimizer.param_groups[0]["lr"], **result.losses,
                                    "grad_norm": result.grad_norm, "global_batch": stepper.global_batch,
                                    "nonfinite_steps": nonfinite,
@@ -421,7 +422,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         timing = dict.fromkeys(timing, 0.0)
         window_start, window_steps = time.perf_counter(), 0
         if metrics_log is not None:
-            metrics_log.log(step, {k: v for k, v in metrics.items() if k != "step"})
+            metrics_log.log(step, {k: v for k, v in metrics.items() if k not in ("step", "total_steps")})
         if checkpoint_now:  # Ray Train hears of metrics (and the latest eval scores, e.g. for Tune) with
             save({**latest_eval, **metrics}, step, in_pass + 1)  # checkpoints only: a report is a barrier that
             # costs about a second here, so per-step curves go to MLflow alone
@@ -489,9 +490,11 @@ def export_model(checkpoint: Any, config: Config, path: Path) -> Path:
     return save_model(model, config, path)
 
 
-def fit(plan: Plan, *, dataset: Any = None) -> TrainResult:
+def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags: dict[str, str] | None = None,
+        run_params: dict[str, Any] | None = None) -> TrainResult:
     """Train on the attached Ray cluster. ``dataset`` replaces the ingest of ``data.shards`` (a Ray dataset with
-    ``image`` [3, S, S] float32 and ``tokens`` int64 columns)."""
+    ``image`` [3, S, S] float32 and ``tokens`` int64 columns); ``callbacks`` are Ray Train callbacks (a sweep's
+    ``TuneReportCallback``); ``run_tags`` and ``run_params`` go on a new MLflow run besides the config."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -514,9 +517,10 @@ def fit(plan: Plan, *, dataset: Any = None) -> TrainResult:
     run_id = None
     if config.tracking.enabled:
         params = {**flatten(to_dict(config)), "run.name": plan.name, "run.steps_per_epoch": plan.steps_per_epoch,
-                  "run.total_steps": plan.total_steps, "run.samples_per_epoch": plan.samples_per_epoch}
+                  "run.total_steps": plan.total_steps, "run.samples_per_epoch": plan.samples_per_epoch,
+                  **(run_params or {})}
         run_id, resumed = start_training_run(uri, config.tracking.experiment, config.tracking.run_name or plan.name,
-                                             plan.run_key, params, dump_config(config))
+                                             plan.run_key, params, dump_config(config), run_tags)
         log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
     marker_dir = plan.local_run_dir or Path(tempfile.gettempdir()) / "pgseg-faults" / plan.name
     loop = {"config": to_dict(config), "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
@@ -534,7 +538,7 @@ def fit(plan: Plan, *, dataset: Any = None) -> TrainResult:
         **({"dataset_config": data_config} if data_config is not None else {}),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(name=plan.name, storage_path=plan.storage_path,
+        run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
     try:

@@ -136,7 +136,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     return experiment
 
 
-def _train_raw(experiment: Experiment) -> dict[str, Any]:
+def train_section(experiment: Experiment) -> dict[str, Any]:
     """The training section with the workflow's wiring filled in where the section leaves it open: shards from the
     download stage, storage and name from the workdir and experiment, tracking from the experiment, the shapes
     world's dev set as the set that picks the best model."""
@@ -160,7 +160,7 @@ def _train_raw(experiment: Experiment) -> dict[str, Any]:
 def training_config(experiment: Experiment):
     from pgseg.config import load_config
 
-    raw = _train_raw(experiment)
+    raw = train_section(experiment)
     try:
         return load_config({k: v for k, v in raw.items()})
     except ConfigError as exc:
