@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # (read when Ray is imported)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from pgseg.config import ConfigError
-    from pipelines.sweep import SweepInterrupted, load_sweep, run_sweep
+    from pipelines.sweep import load_sweep
 
     try:
         spec = load_sweep(args.config, args.set, args.workdir)
@@ -44,7 +44,17 @@ def run(args: argparse.Namespace) -> int:
     for name in ("ray", "tensorboardX"):  # the sweep prints a line per trial event; Ray's INFO lines drown it
         logging.getLogger(name).setLevel(logging.WARNING)
     # `ray job stop` sends SIGTERM: Tune saves its state on SIGINT, so the sweep can be resumed
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        return _sweep(spec, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sweep(spec, args: argparse.Namespace) -> int:
+    from pgseg.config import ConfigError
+    from pipelines.sweep import SweepInterrupted, run_sweep
+
     if spec.data_stages is not None:
         from pipelines.workflow import WorkflowError, run_workflow
 

@@ -213,19 +213,29 @@ class TrialSetup:
         return [_as_override(k, v) for k, v in {**variant.set, **values}.items()]
 
 
+def _for_tune(metrics: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:
+    """A non-finite value of the sweep metric becomes the worst value: ASHA compares NaN with nothing, so a diverged
+    trial would never be stopped."""
+    value = metrics.get(metric)
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        return {**metrics, metric: -math.inf if mode == "max" else math.inf}
+    return metrics
+
+
 class TrialReport(TuneReportCallback):
-    """Ray Train's reports forwarded to Tune, with a non-finite value of the sweep metric replaced by the worst
-    value (ASHA compares NaN with nothing, so a diverged trial would never be stopped)."""
+    """Ray Train's reports forwarded to Tune (from the Train controller), but for the last step's: the trainable
+    reports that one itself once ``fit`` has returned, so a scheduler's stop on it cannot cut the model export and
+    the MLflow run's end."""
 
     def __init__(self, metric: str, mode: str):
         super().__init__()
-        self.metric, self.worst = metric, -math.inf if mode == "max" else math.inf
+        self.metric, self.mode = metric, mode
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        value = metrics[0].get(self.metric) if metrics else None
-        if isinstance(value, (int, float)) and not math.isfinite(value):
-            metrics = [{**metrics[0], self.metric: self.worst}, *metrics[1:]]
-        super().after_report(run_context, metrics, checkpoint)
+        first = metrics[0] if metrics else {}
+        if first.get("step", 0) >= first.get("total_steps", math.inf):
+            return
+        super().after_report(run_context, [_for_tune(first, self.metric, self.mode), *metrics[1:]], checkpoint)
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -253,6 +263,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                  run_params={"trial.variant": variant, **{f"trial.{k}": v for k, v in values.items()}})
     if not result.finished:
         raise TrainingError(f"trial {label}: training stopped at step {result.step} of {result.total_steps}")
+    tune.report(_for_tune(result.metrics, setup.spec.metric, setup.spec.mode))
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -350,7 +361,7 @@ def summary_table(spec: SweepSpec, rows: list[TrialRow], eval_sets: list[str]) -
     for row in rows:
         base = baseline_of(row)
         line: dict[str, Any] = {"trial": row.label}
-        if spec.variants:
+        if spec.variants and spec.space:  # (without a space, the label is the variant)
             line["variant"] = row.variant
         line.update({k: row.values.get(k) for k in spec.space})
         line.update({"status": row.status, "steps": f"{row.step}/{row.total_steps}"})
@@ -551,14 +562,16 @@ def _close_trial_runs(uri: str, parent: str, rows: list[TrialRow], experiment: s
         if run is None:
             continue
         row.run_id = run.info.run_id
-        if run.info.status == "RUNNING":
-            if row.status == "stopped early":
-                client.set_tag(row.run_id, "pgseg.state", f"stopped by the {scheduler} scheduler at step "
-                                                          f"{row.step} of {row.total_steps}")
-                client.set_terminated(row.run_id, "KILLED")
-            elif row.status == "failed":
-                client.set_tag(row.run_id, "pgseg.error", row.error or "")
-                client.set_terminated(row.run_id, "FAILED")
+        if row.status == "stopped early" and run.info.status != "FINISHED":
+            # the trial's actor was stopped: its training either never returned or saw the stop as an error
+            if "pgseg.error" in run.data.tags:
+                client.delete_tag(row.run_id, "pgseg.error")
+            client.set_tag(row.run_id, "pgseg.state", f"stopped by the {scheduler} scheduler at step "
+                                                      f"{row.step} of {row.total_steps}")
+            client.set_terminated(row.run_id, "KILLED")
+        elif row.status == "failed" and run.info.status == "RUNNING":
+            client.set_tag(row.run_id, "pgseg.error", row.error or "")
+            client.set_terminated(row.run_id, "FAILED")
 
 
 def run_sweep(spec: SweepSpec, *, printer: Callable[[str], None] = print) -> SweepResult:

@@ -1,0 +1,215 @@
+"""`pgseg sweep` on real parts: a local Ray cluster on 127.0.0.1 running Ray Tune trials that each fit a Ray Train
+TorchTrainer on shapes-world webdataset shards (made by img2dataset), a real MLflow server holding the sweep's
+parent run, one child per trial and the summary table."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _base(tmp_path: Path, shapes_data: dict, uri: str | None, *, steps: int, experiment: str = "sweep-test") -> Path:
+    """A tiny training config on the shapes shards: ``steps`` steps of 16, the val set scored every 4 steps (with a
+    checkpoint, which is when Tune hears of it)."""
+    config = {"base": "tiny",
+              "data": {"shards": [str(shapes_data["shards"])], "batch_size": 16, "samples_per_epoch": 16 * steps,
+                       "augment": False},
+              "schedule": {"epochs": 1},
+              "train": {"workers": 1, "cpus_per_worker": 0.5, "checkpoint_every": 4},
+              "eval": {"datasets": [f"voc:{shapes_data['val']}"], "every_steps": 4, "bg_thresh": 0.0},
+              "tracking": ({"uri": uri, "experiment": experiment, "log_every": 2} if uri else {"enabled": False})}
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _sweep(tmp_path: Path, name: str, base: Path, **spec) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": str(base), "workdir": str(tmp_path / "work"), **spec}))
+    return path
+
+
+def _children(client, experiment: str, parent: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def _summary(client, run_id: str) -> list[dict]:
+    table = json.loads(Path(client.download_artifacts(run_id, "summary.json")).read_text())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def test_two_trial_grid_logs_children_and_a_summary_with_deltas(ray_local, shapes_data, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.sweep import load_sweep, run_sweep
+
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=8)
+    spec = load_sweep(_sweep(tmp_path, "grid", base, metric="eval/val/mIoU", space={"train.seed": {"grid": [0, 1]}}))
+    lines: list[str] = []
+    result = run_sweep(spec, printer=lines.append)
+    assert "2 trial(s), at most 1 at a time" in lines[0]  # 0.5 worker CPU + 0.2 trainable + 1 for Ray Data on 2 CPUs
+    assert [r.status for r in result.rows] == ["finished", "finished"]
+    assert [r.values for r in result.rows] == [{"train.seed": 0}, {"train.seed": 1}]
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["pgseg.sweep"] == "grid"
+    children = _children(client, "sweep-test", result.run_id)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    by_seed = {int(c.data.params["trial.train.seed"]): c for c in children}
+    assert set(by_seed) == {0, 1} and by_seed[1].data.params["train.seed"] == "1"
+    # the summary read back from MLflow: one row per trial, mIoU as the children logged it, deltas against row 0
+    rows = _summary(client, result.run_id)
+    assert [r["train.seed"] for r in rows] == [0, 1]
+    finals = {}
+    for seed, child in by_seed.items():
+        history = client.get_metric_history(child.info.run_id, "eval/val/mIoU")
+        assert sorted(m.step for m in history) == [4, 8]
+        finals[seed] = 100 * max(history, key=lambda m: m.step).value
+    assert rows[0]["val mIoU"] == pytest.approx(finals[0], abs=0.006)
+    assert rows[1]["val mIoU"] == pytest.approx(finals[1], abs=0.006)
+    assert rows[0]["Δ val mIoU"] == 0.0
+    assert rows[1]["Δ val mIoU"] == pytest.approx(finals[1] - finals[0], abs=0.011)
+    assert rows[0]["steps"] == "8/8" and rows[1]["status"] == "finished"
+    markdown = Path(client.download_artifacts(result.run_id, "summary.md")).read_text()
+    assert markdown.count("\n") == 4 and "| train.seed |" in markdown  # header, rule, two rows
+    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/train.seed.png"]
+    best = max(result.rows, key=lambda r: r.last["eval/val/mIoU"])
+    assert parent.data.tags["pgseg.best_trial"] == best.label
+    # run again: Tune's state says every trial ended, nothing is trained again
+    mtimes = {p: p.stat().st_mtime_ns for p in (spec.root / "runs").rglob("*") if p.is_file()}
+    again = run_sweep(spec, printer=lines.append)
+    assert "resuming" in lines[-1] and [r.status for r in again.rows] == ["finished", "finished"]
+    assert {p: p.stat().st_mtime_ns for p in (spec.root / "runs").rglob("*") if p.is_file()} == mtimes
+    assert len(_children(client, "sweep-test", result.run_id)) == 2
+
+
+def test_asha_stops_a_diverging_trial_early(ray_local, shapes_data, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.sweep import load_sweep, run_sweep
+
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=16, experiment="sweep-asha")
+    # lr 1e4 diverges at once; non-finite steps are skipped (train.nonfinite=skip), so only the scheduler stops it
+    spec = load_sweep(_sweep(tmp_path, "asha", base, set=["train.nonfinite=skip"], metric="loss", mode="min",
+                             space={"optim.lr": {"grid": [1e-3, 1e4]}}, scheduler="asha",
+                             asha={"grace_steps": 4, "reduction_factor": 2}))
+    result = run_sweep(spec, printer=lambda _: None)
+    good, bad = result.rows
+    assert good.values == {"optim.lr": 1e-3} and good.status == "finished" and good.step == 16
+    assert bad.values == {"optim.lr": 1e4} and bad.status == "stopped early" and bad.step < 16
+    client = MlflowClient(mlflow_server)
+    runs = {r.data.params["trial.optim.lr"]: r for r in _children(client, "sweep-asha", result.run_id)}
+    assert runs["0.001"].info.status == "FINISHED"
+    stopped = runs["10000.0"]
+    assert stopped.info.status == "KILLED" and "asha scheduler at step" in stopped.data.tags["pgseg.state"]
+    assert max(m.step for m in client.get_metric_history(stopped.info.run_id, "grad_norm")) < 16
+    assert result.best is good
+
+
+def _cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "jobs.sweep", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def test_interrupted_sweep_resumes_only_the_unfinished_trial(ray_local, shapes_data, mlflow_server, tmp_path):
+    """The job as `ray job submit` runs it: a driver attached to a running cluster (--address), here interrupted
+    with Ctrl+C (SIGINT) once its first trial has ended, then started again."""
+    from mlflow.tracking import MlflowClient
+
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=8, experiment="sweep-resume")
+    path = _sweep(tmp_path, "resume", base, metric="eval/val/mIoU",
+                  variants=[{"name": "GroupViT", "set": {"npr.enabled": False, "npr.i_npr": False,
+                                                          "npr.t_npr": False, "npr.hrs": False}},
+                            {"name": "PGSeg", "set": {}}])
+    root = tmp_path / "work" / "sweeps" / "resume"
+    address = ["--address", ray_local.get_runtime_context().gcs_address]
+    first = _cli(["--config", str(path), *address], start_new_session=True)
+    output, deadline = [], time.monotonic() + 400
+    try:  # read until the first trial has ended, then interrupt the sweep (Ctrl+C)
+        while time.monotonic() < deadline:
+            line = first.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if line.startswith("[sweep]") and line.rstrip().endswith(" ended"):
+                os.kill(first.pid, signal.SIGINT)
+                break
+        rest, _ = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    output.append(rest)
+    text = "".join(output)
+    assert first.returncode == 130, text[-3000:]
+    assert "interrupted: 1 of 2 trial(s) ended" in text
+    ended = [p.stem for p in (root / "ended").glob("*.json")]
+    assert len(ended) == 1
+    done_dir = root / "runs" / f"trial_{ended[0]}"
+    assert (done_dir / "model.safetensors").is_file()
+    mtimes = {p: p.stat().st_mtime_ns for p in done_dir.rglob("*") if p.is_file()}
+    # the same command again: only the other trial runs
+    second = _cli(["--config", str(path), *address])
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    started = [line for line in out.splitlines() if line.startswith("[sweep]") and line.endswith(" started")]
+    assert len(started) == 1 and ended[0] not in started[0], started
+    assert {p: p.stat().st_mtime_ns for p in done_dir.rglob("*") if p.is_file()} == mtimes
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("sweep-resume")
+    parents = client.search_runs([exp.experiment_id], "tags.`pgseg.sweep_key` LIKE 'sweep:%'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    rows = _summary(client, parents[0].info.run_id)
+    assert [(r["trial"], r["status"], r["steps"]) for r in rows] == [("GroupViT", "finished", "8/8"),
+                                                                     ("PGSeg", "finished", "8/8")]
+    children = _children(client, "sweep-resume", parents[0].info.run_id)
+    assert len(children) == 2
+    for child in children:  # each step logged once, also for the trial that was cut and continued
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert steps == sorted(set(steps)) and max(steps) == 8
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"space": {"npr.phii": {"grid": [0.1, 0.2]}}}, "space.npr.phii: npr.phii: unknown key"),
+    ({"space": {}}, "space: the search space is empty"),
+    ({"space": {"npr.phi": {"grid": [0.1]}}, "metric": "eval/voc/mIoU"}, "metric: eval/voc/mIoU names eval set 'voc'"),
+    ({"space": {"npr.phi": {"grid": [0.1]}}, "trainable_cpus": 1.0}, "trainable_cpus: a trial takes 1 worker(s)"),
+])
+def test_bad_sweep_fails_before_any_trial(ray_local, shapes_data, tmp_path, spec, message, capsys):
+    from jobs.sweep import main
+
+    base = _base(tmp_path, shapes_data, None, steps=8)
+    assert main(["--config", str(_sweep(tmp_path, "bad", base, **{"metric": "eval/val/mIoU", **spec}))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work" / "sweeps" / "bad" / "tune").exists()
+    assert not (tmp_path / "work" / "sweeps" / "bad" / "runs").exists()
+
+
+def test_summary_deltas_follow_the_baseline_variant_at_the_same_grid_point(tmp_path):
+    from pipelines.sweep import TrialRow, load_sweep, markdown, summary_table
+
+    spec = load_sweep(_sweep(tmp_path, "t", Path("tiny"), space={"npr.phi": {"grid": [0.1, 0.3]}},
+                             variants=[{"name": "off", "set": {"npr.hrs": False}}, {"name": "on", "set": {}}],
+                             baseline="off", metric="eval/a/mIoU"))
+    values = {("off", 0.1): 0.30, ("off", 0.3): 0.20, ("on", 0.1): 0.35, ("on", 0.3): 0.31}
+    rows = [TrialRow(f"{v}{p}", v, f"{v} npr.phi={p}", {"npr.phi": p}, "finished", 8, 8,
+                     {"eval/a/mIoU": m, "eval/b/mIoU": m / 2}, m) for (v, p), m in values.items()]
+    table = summary_table(spec, rows, ["a", "b"])
+    assert [(r["variant"], r["npr.phi"]) for r in table] == list(values)
+    deltas = {(r["variant"], r["npr.phi"]): (r["Δ a mIoU"], r["Δ b mIoU"]) for r in table}
+    assert deltas[("on", 0.1)] == pytest.approx((5.0, 2.5)) and deltas[("on", 0.3)] == pytest.approx((11.0, 5.5))
+    assert deltas[("off", 0.3)] == (0.0, 0.0)
+    assert table[2]["a mIoU"] == 35.0 and table[2]["best a mIoU"] == 35.0
+    rows[3].last["eval/a/mIoU"] = float("nan")  # a diverged trial: shown, no delta
+    table = summary_table(spec, rows, ["a", "b"])
+    assert table[3]["Δ a mIoU"] is None and "| nan |" in markdown(table)
