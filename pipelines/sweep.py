@@ -384,8 +384,8 @@ def markdown(table: list[dict[str, Any]]) -> str:
     def cell(v: Any) -> str:
         if v is None:
             return "–"
-        if isinstance(v, float):
-            return f"{v:.4g}" if v and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.2f}"
+        if isinstance(v, float):  # (measures are rounded already; swept values are shown as given)
+            return f"{v:.6g}"
         return str(v).replace("|", "\\|")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train_job import ray_head  # noqa: F401 - the fixture: a `ray start --head` cluster on 127.0.0.1
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,3 +214,32 @@ def test_summary_deltas_follow_the_baseline_variant_at_the_same_grid_point(tmp_p
     rows[3].last["eval/a/mIoU"] = float("nan")  # a diverged trial: shown, no delta
     table = summary_table(spec, rows, ["a", "b"])
     assert table[3]["Δ a mIoU"] is None and "| nan |" in markdown(table)
+
+
+def test_ray_job_submit_runs_a_sweep(ray_head, shapes_data, mlflow_server, tmp_path):
+    """`ray job submit -- python -m jobs.sweep` on a `ray start --head` cluster of its own."""
+    from mlflow.tracking import MlflowClient
+
+    from test_train_job import RAY
+
+    address, env = ray_head
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=8, experiment="sweep-job")
+    path = _sweep(tmp_path, "job", base, metric="eval/val/mIoU", space={"npr.phi": {"grid": [0.1, 0.3]}})
+    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", "outputs", "mlflow.db"],
+                   "env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}
+    command = [RAY, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env), "--",
+               "python", "-m", "jobs.sweep", "--config", str(path)]
+    for _attempt in range(12):  # the dashboard answers before the node's job agent is up: retry only that refusal
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in out.stdout + out.stderr:
+            break
+        time.sleep(5)
+    assert out.returncode == 0 and "succeeded" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "| default npr.phi=0.1 | 0.1 | finished | 8/8 |" in out.stdout
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("sweep-job")
+    parent = client.search_runs([exp.experiment_id], "attributes.run_name = 'sweep-job'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = _children(client, "sweep-job", parent[0].info.run_id)
+    assert sorted(c.data.params["npr.phi"] for c in children) == ["0.1", "0.3"]
+    assert [r["npr.phi"] for r in _summary(client, parent[0].info.run_id)] == [0.1, 0.3]
