@@ -201,16 +201,18 @@ class TrialSetup:
     parent: str | None  # the sweep's MLflow run
     cwd: str  # the driver's folder: relative paths in the config start there
 
+    def variant(self, params: dict[str, Any]) -> Variant:
+        return self.spec.variants[params["variant"]] if self.spec.variants else Variant("default", {})
+
     def describe(self, params: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         """(variant name, label, the swept values) of a trial's Tune parameters."""
-        variant = self.spec.variants[params["variant"]] if self.spec.variants else Variant("default", {})
+        name = self.variant(params).name
         values = {key: params[key] for key in self.spec.space}
-        return variant.name, trial_label(variant.name, values), values
+        return name, trial_label(name, values), values
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
-        variant = self.spec.variants[params["variant"]] if self.spec.variants else Variant("default", {})
-        _, _, values = self.describe(params)
-        return [_as_override(k, v) for k, v in {**variant.set, **values}.items()]
+        values = {**self.variant(params).set, **self.describe(params)[2]}
+        return [_as_override(k, v) for k, v in values.items()]
 
 
 def _for_tune(metrics: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:
@@ -240,11 +242,10 @@ class TrialReport(TuneReportCallback):
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable: one training run of the sweep, with its metrics forwarded to Tune."""
+    import ray.data
     from ray import tune
 
     from pipelines.train import TrainingError, fit, plan_training
-
-    import ray.data
 
     if os.path.isdir(setup.cwd):
         os.chdir(setup.cwd)
