@@ -51,13 +51,12 @@ def _load(args: argparse.Namespace, extra: list[str] = ()):
 
 
 def _execute(experiment, args: argparse.Namespace) -> tuple[int, object]:
-    import logging
-
     from pgseg.config import ConfigError
     from pipelines.workflow import WorkflowError, run_workflow
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("ray").setLevel(logging.WARNING)  # our stages say what happens; Ray's INFO lines drown it
+    from .runtime import quiet_logs
+
+    quiet_logs()
     try:
         result = run_workflow(experiment, redo=args.redo)
     except ConfigError as exc:

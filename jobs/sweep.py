@@ -27,8 +27,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     if not (args.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray on this machine stays on loopback
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # (read when Ray is imported)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -40,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("ray", "tensorboardX"):  # the sweep prints a line per trial event; Ray's INFO lines drown it
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from .runtime import quiet_logs
+
+    quiet_logs()
     # `ray job stop` sends SIGTERM: Tune saves its state on SIGINT, so the sweep can be resumed
     previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:

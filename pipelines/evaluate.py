@@ -135,7 +135,7 @@ def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSe
         raise ValueError(f"{dataset.name}: the dataset is empty")
     overlay_ids = [r["id"] for r in rows[:overlays]]
     ds = ray.data.from_items(rows).map_batches(
-        SegmentActor, batch_size=1, concurrency=actors, num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
+        SegmentActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
         fn_constructor_kwargs={"model_path": str(model_path), "class_names": dataset.class_names,
                                "settings": asdict(settings), "reader": dataset.reader, "true_labels": true_labels,
                                "overlay_ids": overlay_ids, "device": "cuda" if use_gpu else "cpu"})
@@ -277,7 +277,8 @@ def evaluate_classification(model_path: str, source: str, class_names_file: str,
                     "problem": np.array([e for _, e in labels], dtype=object)}
 
         ds = raw.map_batches(rows, batch_format="numpy")
-    ds = ds.map_batches(ClassifyActor, batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
+    ds = ds.map_batches(ClassifyActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=1 if use_gpu else 0,
                         fn_constructor_kwargs={"model_path": str(model_path), "class_names": names,
                                                "device": "cuda" if use_gpu else "cpu"})
     top1 = top5 = images = 0
