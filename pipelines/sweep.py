@@ -494,7 +494,7 @@ def _start_parent(spec: SweepSpec, uri: str, experiment: str, state: dict[str, A
     run of the same folder loses its key)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import _experiment_id, git_commit
+    from pipelines.tracking import _experiment_id, create_run
 
     client = MlflowClient(uri)
     exp_id = _experiment_id(client, experiment)
@@ -507,17 +507,10 @@ def _start_parent(spec: SweepSpec, uri: str, experiment: str, state: dict[str, A
         client.set_tag(old.info.run_id, SWEEP_KEY_TAG, f"{key} (started over)")
         if old.info.status == "RUNNING":
             client.set_terminated(old.info.run_id, "KILLED")
-    tags = {SWEEP_KEY_TAG: key, "pgseg.sweep": spec.name}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run_id = client.create_run(exp_id, run_name=f"sweep-{spec.name}", tags=tags).info.run_id
-    from mlflow.entities import Param
-
     params = {"sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.samples": spec.samples,
               "sweep.scheduler": spec.scheduler, "sweep.trials": len(state["trials"]) * spec.samples,
               "sweep.keys": ",".join(spec.space) or "-", "sweep.variants": ",".join(v.name for v in spec.variants) or "-"}
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    run_id = create_run(client, exp_id, f"sweep-{spec.name}", {SWEEP_KEY_TAG: key, "pgseg.sweep": spec.name}, params)
     client.log_dict(run_id, state, "sweep.json")
     return run_id
 

@@ -61,12 +61,26 @@ def _experiment_id(client: Any, name: str) -> str:
     return experiment.experiment_id if experiment is not None else client.create_experiment(name)
 
 
+def create_run(client: Any, exp_id: str, run_name: str, tags: dict[str, str],
+               params: dict[str, Any] | None = None) -> str:
+    """A new MLflow run with ``tags``, the commit of this checkout and ``params`` (in batches: MLflow takes at most
+    100 per call). Returns its id."""
+    from mlflow.entities import Param
+
+    commit = git_commit()
+    run_id = client.create_run(exp_id, run_name=run_name, tags={
+        **tags, **({"mlflow.source.git.commit": commit} if commit else {})}).info.run_id
+    items = [Param(k, str(v)[:6000]) for k, v in sorted((params or {}).items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id
+
+
 def start_training_run(uri: str, experiment: str, run_name: str, run_key: str, params: dict[str, Any],
                        config_yaml: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The MLflow run of a training run: found again by its key (storage folder + name) when the run continues,
     created otherwise with the flattened config as params, ``tags`` (e.g. ``mlflow.parentRunId``) and the resolved
     config as an artifact. Returns (run id, whether it was resumed)."""
-    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -76,14 +90,7 @@ def start_training_run(uri: str, experiment: str, run_name: str, run_key: str, p
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    tags = {**(tags or {}), RUN_KEY_TAG: run_key}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=items[i:i + 100])
+    run_id = create_run(client, exp_id, run_name, {**(tags or {}), RUN_KEY_TAG: run_key}, params)
     client.log_text(run_id, config_yaml, "config.yaml")
     return run_id, False
 

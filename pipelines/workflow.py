@@ -389,7 +389,7 @@ def _link_child(ctx: Context, run_id: str) -> None:
 def _start_workflow_run(experiment: Experiment, uri: str) -> str:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import _experiment_id, git_commit
+    from pipelines.tracking import _experiment_id, create_run
 
     client = MlflowClient(uri)
     exp_id = _experiment_id(client, experiment.tracking.experiment)
@@ -398,11 +398,8 @@ def _start_workflow_run(experiment: Experiment, uri: str) -> str:
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    tags = {WORKFLOW_KEY_TAG: key, "pgseg.workflow": experiment.name}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run_id = client.create_run(exp_id, run_name=f"workflow-{experiment.name}", tags=tags).info.run_id
+    run_id = create_run(client, exp_id, f"workflow-{experiment.name}",
+                        {WORKFLOW_KEY_TAG: key, "pgseg.workflow": experiment.name})
     client.log_text(run_id, yaml.safe_dump(to_dict(experiment), sort_keys=False), "experiment.yaml")
     return run_id
 
