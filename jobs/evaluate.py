@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="default: the model config's eval.window")
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--short-side", type=int, default=None)
+    p.add_argument("--resize", choices=("uint8", "float"), default=None,
+                   help="image resize: uint8 = the release's (OpenCV bilinear on 8-bit pixels, the default), "
+                        "float = torch bilinear on the normalised image")
     p.add_argument("--actors", type=int, default=1, help="model replicas (Ray Data actors)")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--overlays", type=int, default=8, help="images drawn into the MLflow overlay grid")
@@ -50,7 +53,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         config = read_model_config(args.checkpoint)
-        datasets = [open_dataset(spec) for spec in args.dataset]
+        e = config.eval
+        plans = []  # (dataset, its protocol settings)
+        for dataset in (open_dataset(spec) for spec in args.dataset):
+            bg = args.bg_thresh if args.bg_thresh is not None else (e.bg_thresh if e.bg_thresh is not None
+                                                                     else dataset.bg_thresh)
+            plans.append((dataset, ProtocolSettings.of(e, bg, window=args.window, stride=args.stride,
+                                                       short_side=args.short_side, resize=args.resize)))
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -60,14 +69,9 @@ def run(args: argparse.Namespace) -> int:
     from .runtime import init_ray
 
     init_ray(args.address)
-    e = config.eval
     run_id = args.run_id
     tasks = []  # (evaluation, its MLflow logger): segmentation sets first, then classification sets
-    for dataset in datasets:
-        bg = args.bg_thresh if args.bg_thresh is not None else (e.bg_thresh if e.bg_thresh is not None
-                                                                 else dataset.bg_thresh)
-        settings = ProtocolSettings(window=args.window or e.window, stride=args.stride or e.stride,
-                                    short_side=args.short_side or e.short_side, bg_thresh=bg)
+    for dataset, settings in plans:
         tasks.append((partial(evaluate, args.checkpoint, dataset, settings, actors=args.actors, use_gpu=args.gpu,
                               true_labels=args.true_labels, overlays=args.overlays), log_to_mlflow))
     for source in args.classification:

@@ -46,19 +46,19 @@ def _inputs(paths: list[str]) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from pgseg.checkpoint import CheckpointError, load_model
     from pgseg.fileio import atomic_write_bytes, atomic_write_json
-    from pgseg.segment import ProtocolSettings, Segmenter, clean_class_names, read_image, to_tensor
+    from pgseg.segment import ProtocolSettings, Segmenter, clean_class_names, read_image
     from pgseg.visualize import overlay, palette_mask
 
     try:
         names = clean_class_names(args.classes)
         files = _inputs(args.inputs)
         model, config = load_model(args.checkpoint, args.device)
+        e = config.eval
+        bg = None if args.no_background else (args.bg_thresh if args.bg_thresh is not None else e.bg_thresh or 0.95)
+        settings = ProtocolSettings.of(e, bg)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    e = config.eval
-    bg = None if args.no_background else (args.bg_thresh if args.bg_thresh is not None else e.bg_thresh or 0.95)
-    settings = ProtocolSettings(window=e.window, stride=e.stride, short_side=e.short_side, bg_thresh=bg)
     segmenter = Segmenter(model, names, settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             failed.append(str(path))
             print(f"skipped: {exc}", file=sys.stderr)
             continue
-        result = segmenter(to_tensor(image).to(args.device))
+        result = segmenter(image)
         stem = path.stem if path.stem not in stems else f"{path.stem}_{len(stems)}"
         stems.add(stem)
         for suffix, picture in (("_mask.png", palette_mask(result.labels)),

@@ -1,10 +1,14 @@
-"""Zero-shot segmentation with the published protocol (SPEC §6), on any image and any list of class names.
+"""Zero-shot segmentation with the published protocol (SPEC §6), on any image and any list of class names, label for
+label as the released code computes it (checked against ``released_fixture/segmentation.pt``).
 
 1. class embeddings: prompts → text encoder → projector → mean over templates → L2-normalise;
-2. resize (short side 448, long side ≤ 2048), 448×448 sliding windows with stride 224, overlap averaging;
-3. per window: the product of both stages' soft assignments, upsampled, argmax group (one-hot);
-4. group → class: softmax over classes of s·groups·classesᵀ, gated by the image-level top-5 classes;
-5. background where the best class score is under min(bg_thresh, max affinity); resize back; argmax.
+2. the 8-bit image resized (short side 448, long side ≤ 2048; OpenCV bilinear as mmseg does), then normalised;
+3. 448×448 windows with stride 224; per window: the product of both stages' soft assignments, upsampled, each pixel
+   in its argmax group;
+4. group → class affinity: the group's softmax over the window's top-5 classes times its softmax over all classes;
+5. background channel 1 where a pixel's best class score is strictly below min(bg_thresh, the window's largest
+   affinity), else 0;
+6. windows summed and divided by their overlap count, resized back to the image, softmax over channels, argmax.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,7 @@ from .text import SEGMENTATION_TEMPLATES, fill_templates, tokenize
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # what folders are searched for
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_RULES = ("uint8", "float")
 
 
 @dataclass
@@ -32,7 +38,17 @@ class ProtocolSettings:
     short_side: int = 448
     max_long_side: int = 2048
     bg_thresh: float | None = 0.95  # None: no background class (every pixel gets a named class)
-    topk: int = 5  # image-level gating: only the top-k classes of the image compete
+    topk: int = 5  # each window's class set: the top-k classes of its image-level embedding
+    resize: str = "uint8"  # "uint8": the release's (8-bit image, OpenCV bilinear, then normalise); "float": torch
+    #                        bilinear on the normalised float image
+
+    @classmethod
+    def of(cls, eval_config, bg_thresh: float | None, **override: int | None) -> "ProtocolSettings":
+        """The settings of a config's ``eval`` section, with the caller's background threshold; ``override``
+        values that are not None (e.g. command-line flags) win."""
+        values = {k: getattr(eval_config, k) for k in ("window", "stride", "short_side", "resize")}
+        values.update({k: v for k, v in override.items() if v is not None})
+        return cls(bg_thresh=bg_thresh, **values)
 
     def __post_init__(self) -> None:
         if not 0 < self.stride <= self.window:
@@ -43,6 +59,8 @@ class ProtocolSettings:
             raise ValueError(f"bg_thresh must be in [0, 1], got {self.bg_thresh}")
         if self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.resize not in RESIZE_RULES:
+            raise ValueError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
 
 
 def clean_class_names(names: Sequence[str] | str) -> list[str]:
@@ -92,11 +110,13 @@ def read_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL → [3, H, W] float32, ImageNet-normalised."""
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (arr - mean) / std
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """8-bit RGB (PIL or [H, W, 3] uint8 array) → [3, H, W] float32, ImageNet-normalised in the 0–255 range as
+    mmcv does: (v − 255·mean) / (255·std)."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)[:, None, None] * 255
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)[:, None, None] * 255
+    return (arr - mean.float()) / std.float()
 
 
 def protocol_size(height: int, width: int, settings: ProtocolSettings) -> tuple[int, int]:
@@ -105,42 +125,76 @@ def protocol_size(height: int, width: int, settings: ProtocolSettings) -> tuple[
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-# ------------------------------------------------------------------------------------------------ the protocol
-def window_logits(model: torch.nn.Module, crop: torch.Tensor, classes: torch.Tensor, settings: ProtocolSettings,
-                  candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """One window [B, 3, h, w] → per-pixel scores [B, (1 +) K, h, w] (channel 0 = background when bg_thresh is set).
+def protocol_input(image: Image.Image | np.ndarray, settings: ProtocolSettings) -> torch.Tensor:
+    """An 8-bit RGB image → the normalised [3, h, w] tensor at protocol size, resized by ``settings.resize``:
+    ``uint8`` (the release: OpenCV bilinear on the 8-bit pixels, rounded, then normalised) or ``float``
+    (normalised first, then torch bilinear without rounding; differs by up to half a grey level per pixel, which
+    moves labels only on object borders)."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an 8-bit RGB image [H, W, 3], got {arr.dtype} {list(arr.shape)}")
+    height, width = arr.shape[:2]
+    size = protocol_size(height, width, settings)
+    if settings.resize == "uint8":
+        return to_tensor(cv2.resize(arr, (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
+    return F.interpolate(to_tensor(arr)[None], size=size, mode="bilinear", align_corners=False)[0]
 
-    ``candidates`` [B, K] bool restricts each image's classes (True Label Guidance)."""
-    emb = model.encode_image(crop)
+
+# ------------------------------------------------------------------------------------------------ one window
+def group_weights(emb, size: tuple[int, int]) -> torch.Tensor:
+    """[B, G, h, w]: each pixel's weight for every final group. The product of every stage's soft assignment
+    (softmax over groups, no noise) on the patch grid, upsampled bilinearly to the window."""
     stages = emb.out.stages
     assign = stages[0].assignment.soft.transpose(1, 2)  # [B, N, G0]
     for stage in stages[1:]:
         assign = assign @ stage.assignment.soft.transpose(1, 2)  # [B, N, G_s]
     b, _, groups = assign.shape
-    gh, gw = emb.out.grid
-    h, w = crop.shape[-2:]
-    maps = F.interpolate(assign.transpose(1, 2).reshape(b, groups, gh, gw), size=(h, w), mode="bilinear",
-                         align_corners=False)  # [B, G, h, w]
-    onehot = F.one_hot(maps.argmax(dim=1), groups).permute(0, 3, 1, 2).to(classes.dtype)  # [B, G, h, w]
-    scale = model.itc_scale()
+    return F.interpolate(assign.transpose(1, 2).reshape(b, groups, *emb.out.grid), size=size, mode="bilinear",
+                         align_corners=False)
+
+
+def group_affinity(emb, classes: torch.Tensor, scale: torch.Tensor, topk: int,
+                   candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, G, K]: a group's softmax over the window's class set times its softmax over all K classes (exactly 0
+    outside the set). The set: the top-k classes of the softmax of the image-level similarities, or ``candidates``
+    [B, K] bool in their place (True Label Guidance). Every similarity is a cosine scaled by ``scale``."""
     group_logits = scale * F.normalize(emb.groups, dim=-1) @ classes.t()  # [B, G, K]
-    image_logits = scale * F.normalize(emb.x, dim=-1) @ classes.t()  # [B, K]
-    if candidates is not None:
-        group_logits = group_logits.masked_fill(~candidates[:, None, :], float("-inf"))
-        image_logits = image_logits.masked_fill(~candidates, float("-inf"))
-    affinity = group_logits.softmax(dim=-1)  # [B, G, K]: over classes
-    k = min(settings.topk, classes.shape[0])
-    top = image_logits.topk(k, dim=-1)
-    gate = torch.zeros_like(image_logits).scatter_(1, top.indices, top.values.softmax(dim=-1))  # [B, K]
-    affinity = torch.nan_to_num(affinity * gate[:, None, :])  # a class masked out everywhere: 0
-    scores = torch.einsum("bgk,bghw->bkhw", affinity, onehot)  # each pixel: its group's affinities
-    if settings.bg_thresh is None:
+    if candidates is None:
+        image_probs = (scale * F.normalize(emb.x, dim=-1) @ classes.t()).softmax(dim=-1)  # [B, K]
+        top = image_probs.topk(min(topk, classes.shape[0]), dim=-1).indices
+        candidates = torch.zeros_like(image_probs, dtype=torch.bool).scatter_(1, top, True)
+    gated = group_logits.masked_fill(~candidates[:, None, :], float("-inf")).softmax(dim=-1)
+    return torch.nan_to_num(gated * group_logits.softmax(dim=-1))  # an image with no candidate at all: 0
+
+
+def window_scores(groups: torch.Tensor, affinity: torch.Tensor, size: tuple[int, int],
+                  bg_thresh: float | None) -> torch.Tensor:
+    """Pixels' groups [B, h·w] and affinities [B, G, K] → [B, (1 +) K, h, w]: a pixel takes its group's row. With a
+    background, channel 0 is 1 where the pixel's best class score is strictly below min(bg_thresh, the largest
+    affinity of the window, whether or not its group has pixels here) and 0 elsewhere (compared in the affinities'
+    precision, as the release does in float32)."""
+    b, _, k = affinity.shape
+    scores = affinity.gather(1, groups[..., None].expand(-1, -1, k)).transpose(1, 2).reshape(b, k, *size)
+    if bg_thresh is None:
         return scores
-    bg = torch.minimum(affinity.flatten(1).max(dim=1).values, torch.tensor(settings.bg_thresh, dtype=scores.dtype,
-                                                                        device=scores.device))  # [B]
-    return torch.cat([bg[:, None, None, None].expand(b, 1, h, w), scores], dim=1)
+    threshold = torch.minimum(affinity.flatten(1).max(dim=1).values,
+                              torch.tensor(bg_thresh, dtype=affinity.dtype, device=affinity.device))
+    background = affinity.max(dim=-1).values < threshold[:, None]  # [B, G]: decided per group
+    return torch.cat([background.gather(1, groups).reshape(b, 1, *size).to(scores.dtype), scores], dim=1)
 
 
+def window_logits(model: torch.nn.Module, crop: torch.Tensor, classes: torch.Tensor, settings: ProtocolSettings,
+                  candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """One window [B, 3, h, w] → per-pixel scores [B, (1 +) K, h, w] (channel 0 = background when bg_thresh is set).
+    ``candidates`` [B, K] bool replaces each window's top-k class set (True Label Guidance)."""
+    emb = model.encode_image(crop)
+    size = tuple(crop.shape[-2:])
+    affinity = group_affinity(emb, classes, model.itc_scale(), settings.topk, candidates)
+    groups = group_weights(emb, size).max(dim=1).indices.flatten(1)  # [B, h·w]; a tie: the first group
+    return window_scores(groups, affinity, size, settings.bg_thresh)
+
+
+# ------------------------------------------------------------------------------------------------ the image
 def _starts(size: int, window: int, stride: int) -> list[int]:
     """Window origins along one side (mmseg's slide inference): the last window ends at the border."""
     if size <= window:
@@ -152,7 +206,8 @@ def _starts(size: int, window: int, stride: int) -> list[int]:
 @torch.no_grad()
 def sliding_logits(model: torch.nn.Module, image: torch.Tensor, classes: torch.Tensor, settings: ProtocolSettings,
                    candidates: torch.Tensor | None = None, batch: int = 8) -> torch.Tensor:
-    """[3, H, W] normalised image at protocol size → [C, H, W] scores averaged over the overlapping windows."""
+    """[3, H, W] normalised image at protocol size → [C, H, W]: the windows' scores summed (row by row, left to
+    right, as mmseg visits them) and divided by the number of windows covering each pixel."""
     _, height, width = image.shape
     win = settings.window
     boxes = [(y, x, min(y + win, height), min(x + win, width)) for y in _starts(height, win, settings.stride)
@@ -175,7 +230,7 @@ def sliding_logits(model: torch.nn.Module, image: torch.Tensor, classes: torch.T
 class Segmentation:
     labels: torch.Tensor  # [H, W] long at the original size: 0 = background (if any), i = i-th class
     names: list[str]  # the label names, index = label id ("background" first when bg_thresh is set)
-    scores: torch.Tensor  # [C, H, W] at the original size
+    probs: torch.Tensor  # [C, H, W] at the original size: softmax over the channels of the averaged window scores
 
     def areas(self) -> dict[str, float]:
         """Fraction of the image each label covers (labels that do not occur are left out)."""
@@ -200,18 +255,22 @@ class Segmenter:
         self.names = (["background"] if self.settings.bg_thresh is not None else []) + self.class_names
 
     @torch.no_grad()
-    def __call__(self, image: Image.Image | torch.Tensor, candidates: Sequence[int] | None = None) -> Segmentation:
-        """``image``: PIL (any mode) or a normalised [3, H, W] tensor; ``candidates``: class indices (0-based over
-        the class list) allowed for this image (True Label Guidance)."""
-        tensor = to_tensor(read_image(image)) if isinstance(image, Image.Image) else image
+    def __call__(self, image: Image.Image | np.ndarray | str | Path | bytes,
+                 candidates: Sequence[int] | None = None) -> Segmentation:
+        """``image``: an 8-bit RGB array [H, W, 3], or what :func:`read_image` reads; ``candidates``: class indices
+        (0-based over the class list) that replace the top-k set of every window (True Label Guidance)."""
+        arr = image if isinstance(image, np.ndarray) else np.asarray(read_image(image))
+        return self.segment(protocol_input(arr, self.settings), tuple(arr.shape[:2]), candidates)
+
+    @torch.no_grad()
+    def segment(self, resized: torch.Tensor, size: tuple[int, int],
+                candidates: Sequence[int] | None = None) -> Segmentation:
+        """A normalised [3, h, w] image already at protocol size → labels and probabilities at ``size`` (H, W)."""
         device = self.classes.device
-        height, width = tensor.shape[-2:]
-        resized = F.interpolate(tensor[None].to(device), size=protocol_size(height, width, self.settings),
-                                mode="bilinear", align_corners=False)[0]
         mask = None
         if candidates is not None:
             mask = torch.zeros(len(self.class_names), dtype=torch.bool, device=device)
             mask[torch.as_tensor(list(candidates), dtype=torch.long, device=device)] = True
-        logits = sliding_logits(self.model, resized, self.classes, self.settings, mask)
-        scores = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        return Segmentation(scores.argmax(dim=0).cpu(), self.names, scores.cpu())
+        logits = sliding_logits(self.model, resized.to(device), self.classes, self.settings, mask)
+        probs = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].softmax(dim=0)
+        return Segmentation(probs.max(dim=0).indices.cpu(), self.names, probs.cpu())  # a tie: the lower channel

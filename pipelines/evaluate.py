@@ -25,12 +25,12 @@ def _segmenter(model: Any, class_names: list[str], settings: ProtocolSettings):
     return Segmenter(model, names, settings)
 
 
-def score_sample(segmenter: Any, image_path: str, mask_path: str, num_classes: int, reader: str, true_labels: bool,
-                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+def score_sample(segmenter: Any, image_path: str, mask_path: str, num_classes: int, reader: str,
+                 true_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
     """One sample through the protocol: (confusion codes, their counts, predicted labels, the image). Codes are
     ``target * num_classes + prediction`` over the pixels that are not 255."""
     from pgseg.datasets import read_mask
-    from pgseg.segment import read_image, to_tensor
+    from pgseg.segment import read_image
 
     image = read_image(image_path)
     target = read_mask(mask_path, num_classes, reader)
@@ -41,7 +41,7 @@ def score_sample(segmenter: Any, image_path: str, mask_path: str, num_classes: i
     if true_labels:  # True Label Guidance: only the classes of the ground truth compete
         present = np.unique(target[(target != 255) & (target > (0 if bg else -1))])
         candidates = [int(c) - (1 if bg else 0) for c in present] or None
-    labels = segmenter(to_tensor(image).to(device), candidates).labels.numpy()
+    labels = segmenter(image, candidates).labels.numpy()
     valid = target != 255
     codes, counts = np.unique(target[valid].astype(np.int64) * num_classes + labels[valid], return_counts=True)
     return codes, counts, labels, image
@@ -57,7 +57,7 @@ class SegmentActor:
         model, _ = load_model(model_path, device)
         self.segmenter = _segmenter(model, class_names, ProtocolSettings(**settings))
         self.n, self.reader, self.true_labels = len(class_names), reader, true_labels
-        self.overlay_ids, self.device = set(overlay_ids), device
+        self.overlay_ids = set(overlay_ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pgseg.visualize import overlay
@@ -66,7 +66,7 @@ class SegmentActor:
         for sid, image_path, mask_path in zip(batch["id"], batch["image"], batch["mask"]):
             try:  # bad inputs travel back as text: the driver reports them all, in our words, not Ray's
                 codes, n, labels, image = score_sample(self.segmenter, image_path, mask_path, self.n, self.reader,
-                                                       self.true_labels, self.device)
+                                                       self.true_labels)
             except (ValueError, OSError) as exc:
                 codes, n, labels, image = np.zeros(0, np.int64), np.zeros(0, np.int64), None, None
                 errors.append(str(exc))

@@ -441,8 +441,7 @@ class TrainingEval:
         e = config.eval
         self.config, self.best_path = config, best_path
         self.datasets = [open_dataset(spec) for spec in e.datasets]
-        self.settings = [ProtocolSettings(window=e.window, stride=e.stride, short_side=e.short_side,
-                                          bg_thresh=e.bg_thresh if e.bg_thresh is not None else d.bg_thresh)
+        self.settings = [ProtocolSettings.of(e, e.bg_thresh if e.bg_thresh is not None else d.bg_thresh)
                          for d in self.datasets]
 
     def __call__(self, model: torch.nn.Module, best: float) -> tuple[dict[str, float], float]:

@@ -340,7 +340,7 @@ def _stage_evaluate(ctx: Context) -> StageRecord:
     for dataset in datasets:
         bg = section.bg_thresh if section.bg_thresh is not None else (
             e.bg_thresh if e.bg_thresh is not None else dataset.bg_thresh)
-        settings = ProtocolSettings(window=e.window, stride=e.stride, short_side=e.short_side, bg_thresh=bg)
+        settings = ProtocolSettings.of(e, bg)
         result = evaluate(model, dataset, settings, actors=section.actors, use_gpu=section.use_gpu,
                           true_labels=section.true_labels,
                           overlays=section.overlays)

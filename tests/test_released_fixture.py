@@ -5,10 +5,6 @@ import json
 import pytest
 import torch
 
-from jobs.convert import overrides_from_build_config
-from pgseg.checkpoint import convert_released, extract_state_dict, read_checkpoint_file
-from pgseg.config import load_config
-from pgseg.model import PGSeg
 from pgseg.model.npr import pg_loss
 from pgseg.text import tokenize
 
@@ -16,17 +12,9 @@ ATOL = RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def released(fixture_dir):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    raw = read_checkpoint_file(fixture_dir / "released_layout_small.pth")
-    config = load_config("pgseg_vit_s", [*overrides_from_build_config(raw), "npr.mode=official"])
-    model = PGSeg.from_config(config)
-    converted, report = convert_released(extract_state_dict(raw), model, "pgseg-official")
-    assert report.ok and len(report.loaded) == 212 and len(report.dropped) == 9
-    model.load_state_dict(converted, strict=False)
-    model.eval()
+def released(fixture_dir, released_model):
     return {
-        "model": model,
+        "model": released_model,
         "inputs": torch.load(fixture_dir / "inputs.pt"),
         "outputs": torch.load(fixture_dir / "outputs.pt"),
         "npr": torch.load(fixture_dir / "npr_supervision.pt"),

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pgseg.metrics import ConfusionMatrix
-from pgseg.segment import (ProtocolSettings, Segmenter, _starts, clean_class_names, protocol_size, read_image,
-                           sliding_logits, window_logits)
+from pgseg.segment import (ProtocolSettings, Segmenter, _starts, clean_class_names, protocol_input, protocol_size,
+                           read_image, sliding_logits, window_logits)
 
 D = 4
 CLASSES = torch.eye(D)  # class k's embedding: the k-th axis
@@ -50,36 +50,92 @@ def _image(h, w, split):
     return img
 
 
+def _affinity(group_vector, chosen):
+    """The release's group → class affinity for one group, by hand: its softmax over the chosen classes times its
+    softmax over all classes (scale 10, as SignModel)."""
+    logits = 10 * F.normalize(group_vector, dim=0) @ CLASSES.t()
+    gated = torch.zeros(D)
+    gated[chosen] = torch.softmax(logits[chosen], dim=0)
+    return gated * torch.softmax(logits, dim=0)
+
+
 def test_known_assignments_and_embeddings_give_known_labels():
     model = SignModel()
     out = window_logits(model, _image(8, 8, 4)[None], CLASSES, ProtocolSettings(window=8, stride=8, bg_thresh=None))
     labels = out[0].argmax(dim=0)
     assert (labels[:, :4] == 0).all() and (labels[:, 4:] == 1).all()
-    # the affinity of a pixel's class: softmax over classes of 10·cos, times the top-5 gate of its class
-    group = torch.softmax(10 * CLASSES[0] @ CLASSES.t(), dim=0)
-    gate = torch.softmax(10 * F.normalize(torch.tensor([1.0, 1.0, 0.8, -1.0]), dim=0), dim=0)
-    assert out[0, 0, 0, 0].item() == pytest.approx((group[0] * gate[0]).item(), rel=1e-5)
+    # 4 classes ≤ top-5: every class is chosen, so a pixel's scores are its group's full softmax squared
+    torch.testing.assert_close(out[0, :, 0, 0], _affinity(CLASSES[0], [0, 1, 2, 3]))
+    torch.testing.assert_close(out[0, :, 0, 7], _affinity(CLASSES[1], [0, 1, 2, 3]))
 
 
-def test_top_k_gating_keeps_only_the_image_level_winners():
+def test_top_k_gating_is_each_groups_own_softmax_over_the_image_level_winners():
     model = SignModel(group_vectors=torch.stack([CLASSES[3], CLASSES[1]]))  # group 0 looks like class 3
     settings = ProtocolSettings(window=8, stride=8, bg_thresh=None, topk=3)  # image top-3: classes 0, 1, 2
     out = window_logits(model, _image(8, 8, 4)[None], CLASSES, settings)
     assert (out[0, 3] == 0).all()  # class 3 is gated out although group 0 matches it best
     assert (out[0].argmax(dim=0)[:, 4:] == 1).all()
+    # group 0 sees classes 0, 1, 2 alike: its own softmax over them is 1/3 each, not the image's softmax
+    torch.testing.assert_close(out[0, :, 0, 0], _affinity(CLASSES[3], [0, 1, 2]))
+    torch.testing.assert_close(out[0, :3, 0, 0], torch.softmax(torch.tensor([0.0, 0, 0, 10]), 0)[:3] / 3)
+    torch.testing.assert_close(out[0, :, 0, 7], _affinity(CLASSES[1], [0, 1, 2]))
     settings = ProtocolSettings(window=8, stride=8, bg_thresh=None, topk=4)
     out = window_logits(model, _image(8, 8, 4)[None], CLASSES, settings)
     assert (out[0, 3, :, :4] > 0).all()
+    # True Label Guidance: the given classes replace the top-k set (here class 3 only: group 0 → class 3)
+    out = window_logits(model, _image(8, 8, 4)[None], CLASSES, settings, torch.tensor([[False, False, False, True]]))
+    torch.testing.assert_close(out[0, :, 0, 0], _affinity(CLASSES[3], [3]))
+    assert (out[0, :3] == 0).all()
 
 
-def test_background_where_the_best_score_is_under_the_threshold():
-    model = SignModel()
-    low = window_logits(model, _image(8, 8, 4)[None], CLASSES, ProtocolSettings(window=8, stride=8, bg_thresh=0.0))
-    assert (low[0].argmax(dim=0)[:, :4] == 1).all()  # channel 0 = bg at 0: class 0 (channel 1) wins on the left
-    high = window_logits(model, _image(8, 8, 4)[None], CLASSES, ProtocolSettings(window=8, stride=8, bg_thresh=0.95))
-    # the threshold is min(0.95, max affinity) = the max affinity: ties with the best class go to background
-    best = high[0, 1:].max()
-    assert high[0, 0, 0, 0] == best
+def test_background_is_one_where_the_best_score_is_strictly_under_the_clamped_threshold():
+    weak = F.normalize(CLASSES[1] + 0.3 * CLASSES[2], dim=0)  # group 1: a weaker best class than group 0
+    model = SignModel(group_vectors=torch.stack([CLASSES[0], weak]))
+    best0, best1 = _affinity(CLASSES[0], [0, 1, 2, 3]).max(), _affinity(weak, [0, 1, 2, 3]).max()
+    assert best1 < 0.999 < best0 < 1
+
+    def background(thresh, image):
+        out = window_logits(model, image[None], CLASSES, ProtocolSettings(window=8, stride=8, bg_thresh=thresh))[0]
+        assert set(out[0].unique().tolist()) <= {0.0, 1.0}  # 0 or 1, not a threshold channel
+        return out[0]
+
+    half = _image(8, 8, 4)  # left: group 0, right: group 1
+    assert (background(0.0, half) == 0).all()  # nothing is strictly below 0
+    assert (background(0.9, half) == 0).all()  # both groups' best scores reach 0.9
+    bg = background(0.999, half)
+    assert (bg[:, :4] == 0).all() and (bg[:, 4:] == 1).all()  # only the weaker group falls under 0.999
+    bg = background(1.0, half)  # clamped to the window's largest affinity: its own group stays (not strictly below)
+    assert (bg[:, :4] == 0).all() and (bg[:, 4:] == 1).all()
+    # the largest affinity counts even when its group has no pixel in the window: the whole window is background
+    assert (background(1.0, _image(8, 8, 0)) == 1).all()
+    assert (background(0.9, _image(8, 8, 0)) == 0).all()
+
+
+def test_labels_take_the_lower_channel_on_an_exact_tie():
+    both = F.normalize(CLASSES[0] + CLASSES[1], dim=0)  # group 0 likes classes 0 and 1 exactly alike
+    seg = Segmenter.__new__(Segmenter)  # the stub has no text tower: give the class embeddings directly
+    seg.model, seg.class_names, seg.classes = SignModel(torch.stack([both, CLASSES[2]])), list("abcd"), CLASSES
+    seg.settings = ProtocolSettings(window=8, stride=8, short_side=8, bg_thresh=None)
+    seg.names = seg.class_names
+    out = seg.segment(_image(8, 8, 8), (8, 8))
+    assert out.probs[0].equal(out.probs[1]) and (out.labels == 0).all()
+    torch.testing.assert_close(out.probs.sum(dim=0), torch.ones(8, 8))  # probabilities: softmax over channels
+
+
+def test_the_releases_resize_rounds_8_bit_pixels_and_the_float_one_does_not():
+    ramp = np.array([[[0, 0, 0], [255, 255, 255]]], np.uint8)  # 1×2, upscaled ×2 → 2×4 (half-pixel centres)
+    grey = {}
+    for rule in ("uint8", "float"):
+        settings = ProtocolSettings(window=4, stride=4, short_side=2, max_long_side=4, resize=rule)
+        x = protocol_input(ramp, settings)
+        assert x.shape == (3, 2, 4)
+        grey[rule] = (x[0] * 0.229 + 0.485) * 255  # back to grey levels
+    torch.testing.assert_close(grey["uint8"][0], torch.tensor([0.0, 64, 191, 255]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(grey["float"][0], torch.tensor([0.0, 63.75, 191.25, 255]), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="8-bit RGB"):
+        protocol_input(np.zeros((4, 4), np.float32), ProtocolSettings())
+    with pytest.raises(ValueError, match="resize"):
+        ProtocolSettings(resize="bicubic")
 
 
 def test_sliding_windows_average_overlaps_and_labels_come_back_at_the_original_size():
