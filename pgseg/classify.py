@@ -34,7 +34,7 @@ class ZeroShotClassifier:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.model.encode_image(images.to(self.classes.device)).x
+        x = self.model.encode_image(images.to(self.classes.device), groups=False).x
         return F.normalize(x, dim=-1) @ self.classes.t()
 
 

@@ -252,7 +252,7 @@ class Stepper:
             if rank == 0:
                 log.info("initialised from %s:\n%s", t.init_from, report.text())
         if t.use_gpu and world > 1:  # batch statistics of the projectors over the global batch (CUDA only)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model.sync_batchnorm()
         self.model = model.to(device)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch)

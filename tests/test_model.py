@@ -156,3 +156,42 @@ def test_prototype_count_may_differ_from_group_count():
     out = model(*_batch())
     assert out.prototypes["stage0"].shape[1] == 24 and out.prototypes["stage1"].shape[1] == 4
     assert torch.isfinite(out.loss) and "pg_stage1" in out.terms
+
+
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_projector_batchnorm_moves_once_per_step_on_the_pooled_feature_as_in_the_release(mode):
+    """The release projects only the pooled feature in training; its running statistics after N steps are those
+    of one BatchNorm update per step with that step's pooled features."""
+    import copy
+
+    model = _tiny(f"npr.mode={mode}").train()
+    reference = copy.deepcopy(model.img_projector).train()
+    pooled = []
+    model.img_encoder.register_forward_hook(lambda module, args, out: pooled.append(out.pooled.detach()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, tokens = _batch()
+    for step in range(3):
+        reference.load_state_dict({k: v for k, v in model.img_projector.state_dict().items()
+                                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))},
+                                  strict=False)  # this step's weights, the statistics of its own history
+        out = model(images, tokens, step=step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            reference(pooled[-1])
+    assert len(pooled) == 3
+    ours, theirs = model.img_projector.linear_hidden[1], reference.linear_hidden[1]
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-6, rtol=1e-5)
+
+
+def test_sync_batchnorm_only_in_the_projectors_as_in_the_release():
+    model = _tiny("npr.mode=official")
+    model.sync_batchnorm()
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    synced = {n for n, k in kinds.items() if k is torch.nn.SyncBatchNorm}
+    assert synced == {"img_projector.linear_hidden.1", "text_projector.linear_hidden.1"}
+    assert {n for n in kinds if "mapping_x" in n} and all(kinds[n] is torch.nn.BatchNorm1d for n in kinds
+                                                         if "mapping_x" in n)

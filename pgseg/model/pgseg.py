@@ -22,7 +22,7 @@ Mean = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class ImageEmbedding:
     x: torch.Tensor  # [B, D] projected pooled feature (the zero-shot image embedding, unnormalised)
-    groups: torch.Tensor  # [B, G_last, D] projected final segment tokens (unnormalised)
+    groups: torch.Tensor | None  # [B, G_last, D] projected final segment tokens (unnormalised), if asked for
     out: ImageOutput
 
 
@@ -77,9 +77,18 @@ class PGSeg(nn.Module):
         return self._clamped(self.img_encoder.logit_scale)
 
     # ------------------------------------------------------------------------------------------------ encoders
-    def encode_image(self, images: torch.Tensor) -> ImageEmbedding:
+    def encode_image(self, images: torch.Tensor, groups: bool = True) -> ImageEmbedding:
+        """The projected pooled feature, and with ``groups`` the projected final segment tokens too (segmentation).
+        Training asks without: the projector then runs once per step, on the pooled feature only, so its
+        BatchNorm statistics move once per step as in the release."""
         out = self.img_encoder(images)
-        return ImageEmbedding(self.img_projector(out.pooled), self.img_projector(out.tokens), out)
+        return ImageEmbedding(self.img_projector(out.pooled), self.img_projector(out.tokens) if groups else None, out)
+
+    def sync_batchnorm(self) -> None:
+        """Multi-GPU: the image and text projectors' BatchNorm over the global batch (SyncBatchNorm), as the
+        release; the NPR ``mapping_x`` BatchNorms stay per-rank, as they are there."""
+        self.img_projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.img_projector)
+        self.text_projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.text_projector)
 
     def encode_text(self, tokens: torch.Tensor, *, mean: Mean | None = None) -> TextEmbedding:
         """Text embeddings; with T-NPR also the text prototypes. In ``text_ema: every_forward`` (released) mode the
@@ -114,7 +123,7 @@ class PGSeg(nn.Module):
         """
         npr = self.npr
         text = self.encode_text(tokens, mean=mean)
-        image = self.encode_image(images)
+        image = self.encode_image(images, groups=False)
         itc_scale = self.itc_scale()
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {"itc_scale": itc_scale.detach()}
