@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from pgseg.checkpoint import CheckpointError, convert_released, extract_state_dict, read_checkpoint_file, save_model
+from pgseg.checkpoint import CheckpointError, convert_file, read_checkpoint_file, save_model
 from pgseg.config import ConfigError, load_config
 from pgseg.model import PGSeg
 
@@ -42,11 +42,10 @@ def overrides_from_build_config(obj: Any) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     try:
         raw = read_checkpoint_file(args.input)
-        state_dict = extract_state_dict(raw, args.input)
         arch = overrides_from_build_config(raw) if args.config is None else []
         config = load_config(args.config or "pgseg_vit_s", [*arch, "npr.mode=official", *args.set])
         model = PGSeg.from_config(config)
-        converted, report = convert_released(state_dict, model, getattr(args, "from"))
+        converted, report = convert_file(args.input, model, getattr(args, "from"), raw)
         print(report.text())
         if not report.ok:
             print(f"error: {args.input} does not have the {getattr(args, 'from')} layout of this architecture "

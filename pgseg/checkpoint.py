@@ -164,18 +164,52 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.
     return dict(obj)
 
 
+def ignored_entries(obj: Any) -> list[str]:
+    """What a loaded checkpoint holds besides its state_dict, one line per top-level entry; objects that were not
+    plain data are named (they were read as inert data, see :class:`InertObject`, never executed)."""
+    if not isinstance(obj, dict):
+        return []
+    used = next((k for k in ("model", "state_dict", "model_state_dict") if isinstance(obj.get(k), dict)), None)
+    lines = []
+    for key, value in obj.items():
+        if key == used:
+            continue
+        inert = sorted(_inert_names(value))
+        kind = (f"not plain data, read as inert and not executed: {', '.join(inert)}" if inert
+                else type(value).__name__)
+        lines.append(f"{key} ({kind})")
+    return lines
+
+
+def _inert_names(value: Any, depth: int = 0) -> set[str]:
+    if isinstance(value, InertObject):
+        return {value.pickled_name} | _inert_names(value.state, depth + 1) | _inert_names(list(value.args), depth + 1)
+    if depth > 20:  # deep enough for any config; nothing here can loop forever
+        return set()
+    if isinstance(value, dict):
+        return set().union(*(_inert_names(v, depth + 1) for v in value.values()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return set().union(*(_inert_names(v, depth + 1) for v in value))
+    return set()
+
+
 # ------------------------------------------------------------------------------------------------- conversion
 # keys of the released layout that our model does not have, on purpose
 DROPPED_ON_PURPOSE = ("img_encoder.mapping_text.",)  # the released code builds it and never calls it
 # keys a GroupViT checkpoint lacks: the PG units, the PG temperature and the T-NPR buffer keep their init
 PGSEG_ONLY = ("img_encoder.layers.0.downsample_spatial.", "img_encoder.layers.1.downsample_spatial.",
               "img_encoder.logit_scale", "text_encoder.Atten.")
+# the multi-label loss's own temperature: in files trained with that loss (GroupViT gcc_yfcc_30e, multi_label 3),
+# not in the others (gcc_redcap_30e, the PGSeg release); loaded when the model has that loss, else dropped
+MULTI_LABEL_SCALE = "multi_label_logit_scale"
 
 
 @dataclass
 class KeyReport:
     loaded: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # in the checkpoint, left out on purpose (see notes)
+    notes: list[str] = field(default_factory=list)  # why, one line each
+    ignored: list[str] = field(default_factory=list)  # the file's entries besides the weights (ignored_entries)
     missing: list[str] = field(default_factory=list)  # in our model, not in the checkpoint
     expected_missing: list[str] = field(default_factory=list)  # missing, as the source layout implies
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in our model
@@ -186,8 +220,11 @@ class KeyReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def text(self) -> str:
-        lines = [f"loaded: {len(self.loaded)} tensors",
-                 f"dropped on purpose: {len(self.dropped)} (img_encoder.mapping_text: built, never used, by the release)"]
+        lines = [f"loaded: {len(self.loaded)} tensors", f"dropped on purpose: {len(self.dropped)}"]
+        lines += [f"  {note}" for note in self.notes]
+        if self.ignored:
+            lines.append(f"ignored entries of the file: {len(self.ignored)}")
+            lines += [f"  {entry}" for entry in self.ignored]
         if self.expected_missing:
             lines.append(f"kept at init (not in this layout): {len(self.expected_missing)}")
             lines += [f"  {k}" for k in self.expected_missing]
@@ -214,7 +251,7 @@ def convert_released(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
     out: dict[str, torch.Tensor] = {}
     mismatched: set[str] = set()
     for name, value in state_dict.items():
-        if name.startswith(DROPPED_ON_PURPOSE):
+        if name.startswith(DROPPED_ON_PURPOSE) or (name == MULTI_LABEL_SCALE and name not in ours):
             report.dropped.append(name)
             continue
         if _is_projector_conv(name, value):
@@ -227,9 +264,14 @@ def convert_released(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
         else:
             out[name] = value.to(ours[name].dtype)
             report.loaded.append(name)
+    if any(k.startswith(DROPPED_ON_PURPOSE) for k in report.dropped):
+        report.notes.append("img_encoder.mapping_text.*: built by the release, never used")
+    if MULTI_LABEL_SCALE in report.dropped:
+        report.notes.append(f"{MULTI_LABEL_SCALE}: the file's multi-label loss temperature; this model trains "
+                            f"without that loss (set loss.multi_label to keep it)")
     for name in ours:
         if name not in out and name not in mismatched:
-            if source == "groupvit-official" and name.startswith(PGSEG_ONLY):
+            if (source == "groupvit-official" and name.startswith(PGSEG_ONLY)) or name == MULTI_LABEL_SCALE:
                 report.expected_missing.append(name)
             else:
                 report.missing.append(name)
@@ -240,10 +282,27 @@ def convert_released(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
     return out, report
 
 
+def convert_file(path: str | Path, model: torch.nn.Module, source: str | None = None,
+                 raw: Any = None) -> tuple[dict[str, torch.Tensor], KeyReport]:
+    """:func:`convert_released` on a checkpoint file (read safely unless ``raw``, its loaded object, is given),
+    its other entries listed in the report. ``source`` None: told by the keys (a file without PG units is a
+    GroupViT one; a PGSeg file into a model without PG units loads all but them)."""
+    raw = read_checkpoint_file(path) if raw is None else raw
+    state_dict = extract_state_dict(raw, str(path))
+    if source is None:
+        own_npr = any(k.startswith(PGSEG_ONLY) for k in model.state_dict())
+        file_npr = any(k.startswith(PGSEG_ONLY) for k in state_dict)
+        source = "pgseg-official" if file_npr and own_npr else "groupvit-official"
+        if file_npr and not own_npr:  # its PG units have nowhere to go
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PGSEG_ONLY)}
+    converted, report = convert_released(state_dict, model, source)
+    report.ignored = ignored_entries(raw)
+    return converted, report
+
+
 def load_released(model: torch.nn.Module, path: str | Path, source: str = "pgseg-official") -> KeyReport:
     """Read a released checkpoint safely, convert it and load it into ``model``; fail on an unexpected layout."""
-    state_dict = extract_state_dict(read_checkpoint_file(path), str(path))
-    converted, report = convert_released(state_dict, model, source)
+    converted, report = convert_file(path, model, source)
     if not report.ok:
         raise CheckpointError(f"{path}: the layout does not match the model ({source}):\n{report.text()}")
     model.load_state_dict(converted, strict=False)
@@ -253,13 +312,7 @@ def load_released(model: torch.nn.Module, path: str | Path, source: str = "pgseg
 def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> KeyReport:
     """Initialise ``model`` from a released PGSeg or GroupViT checkpoint or one of our model files (the layout is
     told by its keys: a file without PG units initialises everything but them, as the official recipe does)."""
-    state_dict = extract_state_dict(read_checkpoint_file(path), str(path))
-    own_npr = any(k.startswith(PGSEG_ONLY) for k in model.state_dict())
-    file_npr = any(k.startswith(PGSEG_ONLY) for k in state_dict)
-    source = "pgseg-official" if file_npr and own_npr else "groupvit-official"
-    if file_npr and not own_npr:  # a PGSeg file into a GroupViT model: its PG units have nowhere to go
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PGSEG_ONLY)}
-    converted, report = convert_released(state_dict, model, source)
+    converted, report = convert_file(path, model)
     if not report.ok:
         raise CheckpointError(f"{path}: cannot initialise this model from it:\n{report.text()}")
     model.load_state_dict(converted, strict=False)

@@ -29,7 +29,7 @@ def fixture_dir() -> Path:
 def released_model(fixture_dir):
     """The fixture's released-layout checkpoint converted into our official-mode model, in eval mode (float32)."""
     from jobs.convert import overrides_from_build_config
-    from pgseg.checkpoint import convert_released, extract_state_dict, read_checkpoint_file
+    from pgseg.checkpoint import convert_file, read_checkpoint_file
     from pgseg.config import load_config
     from pgseg.model import PGSeg
 
@@ -37,7 +37,7 @@ def released_model(fixture_dir):
     raw = read_checkpoint_file(fixture_dir / "released_layout_small.pth")
     config = load_config("pgseg_vit_s", [*overrides_from_build_config(raw), "npr.mode=official"])
     model = PGSeg.from_config(config)
-    converted, report = convert_released(extract_state_dict(raw), model, "pgseg-official")
+    converted, report = convert_file(fixture_dir / "released_layout_small.pth", model, "pgseg-official", raw)
     assert report.ok and len(report.loaded) == 212 and len(report.dropped) == 9
     model.load_state_dict(converted, strict=False)
     return model.eval()

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 import torch
 
-from pgseg.checkpoint import (CheckpointError, extract_state_dict, load_model, load_released,
+from pgseg.checkpoint import (CheckpointError, extract_state_dict, init_from_checkpoint, load_model, load_released,
                               read_checkpoint_file, read_model_config, save_model)
 from pgseg.config import load_config
 from pgseg.model import PGSeg
@@ -14,9 +14,24 @@ from pgseg.model import PGSeg
 from conftest import REPO
 
 
-def _released_layout_checkpoint(config_name: str, *, groupvit: bool = False) -> dict:
+def groupvit_release_file(path, layout: str, config_name: str = "tiny", overrides=()) -> dict:
+    """A file in the layout of one of GroupViT's released checkpoints, random tensors at this architecture:
+    ``gcc_yfcc_30e`` (trained with the multi-label loss: has its own ``multi_label_logit_scale``) or
+    ``gcc_redcap_30e`` (without); both with the entries a released file carries besides the weights (an
+    OmegaConf-like config object, apex state, optimizer, epoch). Returns the state_dict written."""
+    state = _released_layout_checkpoint(config_name, groupvit=True, overrides=overrides)
+    if layout == "gcc_yfcc_30e":
+        state["multi_label_logit_scale"] = torch.tensor(2.5)
+    elif layout != "gcc_redcap_30e":
+        raise ValueError(layout)
+    torch.save({"model": state, "config": OmegaLike(model={"type": "MultiLabelContrastive"}), "amp": _Apex(),
+                "optimizer": {"state": {}, "param_groups": []}, "epoch": 30}, path)
+    return state
+
+
+def _released_layout_checkpoint(config_name: str, *, groupvit: bool = False, overrides=()) -> dict:
     """Random tensors in the released layout of this architecture (incl. the unused mapping_text, conv kernels)."""
-    model = PGSeg.from_config(load_config(config_name, ["npr.mode=official"]))
+    model = PGSeg.from_config(load_config(config_name, ["npr.mode=official", *overrides]))
     state = {}
     for name, value in model.state_dict().items():
         if groupvit and ("downsample_spatial" in name or name in ("img_encoder.logit_scale", "text_encoder.Atten.mu")):
@@ -190,3 +205,26 @@ def test_released_key_list_converts_into_pgseg_vit_s(tmp_path, source):
         assert len(report.expected_missing) == 2 * 10 + 2
     torch.testing.assert_close(model.text_projector.linear_hidden[0].weight,
                                state["text_projector.linear_hidden.0.weight"][..., 0])
+
+
+@pytest.mark.parametrize("layout", ["gcc_yfcc_30e", "gcc_redcap_30e"])
+@pytest.mark.parametrize("multi_label", [0, 3])
+def test_both_groupvit_release_layouts_initialise_a_pgseg_model(tmp_path, layout, multi_label):
+    """The multi-label temperature is loaded when the model has that loss, dropped with a line when it does not,
+    kept at init when the file has none; the file's other entries are listed, the config object never run."""
+    state = groupvit_release_file(tmp_path / "groupvit.pth", layout)
+    model = PGSeg.from_config(load_config("tiny", ["npr.mode=official", f"loss.multi_label={multi_label}"]))
+    report = init_from_checkpoint(model, tmp_path / "groupvit.pth")
+    assert report.ok, report.text()
+    text = report.text()
+    has_scale, wants_scale = layout == "gcc_yfcc_30e", multi_label > 0
+    assert ("multi_label_logit_scale" in report.loaded) == (has_scale and wants_scale)
+    assert ("multi_label_logit_scale" in report.dropped) == (has_scale and not wants_scale)
+    assert ("multi_label_logit_scale" in report.expected_missing) == (wants_scale and not has_scale)
+    assert ("multi-label loss temperature" in text) == (has_scale and not wants_scale)
+    if has_scale and wants_scale:
+        assert model.multi_label_logit_scale.item() == 2.5
+    assert sorted(e.split(" ")[0] for e in report.ignored) == ["amp", "config", "epoch", "optimizer"]
+    config_line = next(e for e in report.ignored if e.startswith("config"))
+    assert "not executed" in config_line and "OmegaLike" in config_line and "config (" in text
+    torch.testing.assert_close(model.img_encoder.pos_embed, state["img_encoder.pos_embed"])

@@ -220,17 +220,26 @@ def test_mixed_precision_steps_update_the_model(precision):
     assert stepper.scaler.is_enabled() == (precision == "fp16")
 
 
-def test_official_recipe_starts_from_a_groupvit_checkpoint(tmp_path):
-    from pgseg.model import PGSeg
+@pytest.mark.parametrize("layout", ["gcc_yfcc_30e", "gcc_redcap_30e"])
+def test_official_recipe_starts_from_either_groupvit_release_layout(tmp_path, layout):
+    """The training step of `pgseg train --config official` (its optimiser, schedule and NPR settings, at the tiny
+    architecture) initialised from a file in each layout of GroupViT's released checkpoints."""
+    from pgseg.config.load import load_raw
     from pipelines.train import Stepper
 
-    groupvit = PGSeg.from_config(load_config("tiny", ["npr.enabled=false", "npr.i_npr=false", "npr.t_npr=false"]))
-    torch.save({"model": groupvit.state_dict()}, tmp_path / "groupvit.pth")
-    config = load_config("tiny", ["npr.mode=official", f"train.init_from={tmp_path / 'groupvit.pth'}"])
+    from test_checkpoint import groupvit_release_file
+
+    tiny = load_raw("tiny")
+    state = groupvit_release_file(tmp_path / f"{layout}.pth", layout)
+    config = load_config({"base": "official", "model": tiny["model"], "eval": tiny["eval"]}, [
+        f"data.img_size={tiny['data']['img_size']}", "train.workers=1", "train.use_gpu=false", "train.precision=fp32",
+        f"train.init_from={tmp_path / f'{layout}.pth'}"])
+    assert config.npr.mode == "official" and config.loss.multi_label == 0
     stepper = Stepper(config, steps_per_epoch=10, device=torch.device("cpu"))
     ours = stepper.model.state_dict()
-    shared = [k for k in groupvit.state_dict() if k in ours]
-    assert len(shared) == len(groupvit.state_dict())
-    assert all(torch.equal(ours[k], groupvit.state_dict()[k]) for k in shared)
+    shared = [k for k in state if k in ours]
+    assert len(shared) == len(state) - (layout == "gcc_yfcc_30e")  # all but the multi-label temperature
+    assert all(torch.equal(ours[k], state[k].reshape(ours[k].shape)) for k in shared)
+    assert "multi_label_logit_scale" not in ours  # the recipe has no multi-label loss: dropped, not kept
     assert any("downsample_spatial" in k for k in ours if k not in shared)  # the PG units keep their init
     assert stepper(_batch(config), 0).finite
