@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
-from pgseg.checkpoint import CheckpointError, convert_file, read_checkpoint_file, save_model
-from pgseg.config import ConfigError, load_config
+from pgseg.checkpoint import CheckpointError, KeyReport, convert_file, read_checkpoint_file, save_model
+from pgseg.config import Config, ConfigError, load_config
 from pgseg.model import PGSeg
 
 
@@ -39,19 +40,28 @@ def overrides_from_build_config(obj: Any) -> list[str]:
     return items  # JSON values are YAML, as --set parses them
 
 
+def convert_checkpoint(path: str | Path, source: str, config: str | None = None,
+                       sets: Sequence[str] = ()) -> tuple[PGSeg, Config, KeyReport]:
+    """A released checkpoint → (our model in official mode, loaded; its config; the key report). The architecture
+    comes from the file's plain-data build config unless ``config`` (a preset or YAML) names one."""
+    raw = read_checkpoint_file(path)
+    arch = overrides_from_build_config(raw) if config is None else []
+    resolved = load_config(config or "pgseg_vit_s", [*arch, "npr.mode=official", *sets])
+    model = PGSeg.from_config(resolved)
+    converted, report = convert_file(path, model, source, raw)
+    if report.ok:
+        model.load_state_dict(converted, strict=False)
+    return model, resolved, report
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        raw = read_checkpoint_file(args.input)
-        arch = overrides_from_build_config(raw) if args.config is None else []
-        config = load_config(args.config or "pgseg_vit_s", [*arch, "npr.mode=official", *args.set])
-        model = PGSeg.from_config(config)
-        converted, report = convert_file(args.input, model, getattr(args, "from"), raw)
+        model, config, report = convert_checkpoint(args.input, getattr(args, "from"), args.config, args.set)
         print(report.text())
         if not report.ok:
             print(f"error: {args.input} does not have the {getattr(args, 'from')} layout of this architecture "
                   f"(see the report above); nothing was written", file=sys.stderr)
             return 2
-        model.load_state_dict(converted, strict=False)
         out = save_model(model, config, args.output)
     except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,18 +28,11 @@ def fixture_dir() -> Path:
 @pytest.fixture(scope="session")
 def released_model(fixture_dir):
     """The fixture's released-layout checkpoint converted into our official-mode model, in eval mode (float32)."""
-    from jobs.convert import overrides_from_build_config
-    from pgseg.checkpoint import convert_file, read_checkpoint_file
-    from pgseg.config import load_config
-    from pgseg.model import PGSeg
+    from jobs.convert import convert_checkpoint
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    raw = read_checkpoint_file(fixture_dir / "released_layout_small.pth")
-    config = load_config("pgseg_vit_s", [*overrides_from_build_config(raw), "npr.mode=official"])
-    model = PGSeg.from_config(config)
-    converted, report = convert_file(fixture_dir / "released_layout_small.pth", model, "pgseg-official", raw)
+    model, _, report = convert_checkpoint(fixture_dir / "released_layout_small.pth", "pgseg-official")
     assert report.ok and len(report.loaded) == 212 and len(report.dropped) == 9
-    model.load_state_dict(converted, strict=False)
     return model.eval()
 
 

@@ -3,28 +3,20 @@
 scores, then the averaged map, the probabilities and every label."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-import torch.nn.functional as F
 
+from benchmarks.fixture import IMAGES, LISTS, SETTINGS, Reference
 from pgseg.segment import ProtocolSettings, Segmenter, group_affinity, group_weights, window_logits
 
-IMAGES = ("img0", "img1", "img2", "img3")
-LISTS = ("c4", "c6", "c12")
-SETTINGS = {"bg0.95": 0.95, "bg0.5": 0.5, "bg0.1": 0.1, "bg0.045": 0.045, "nobg": None}
 ATOL = 1e-5  # the fixture README's tolerance for probabilities and affinities (float32)
 
 
 @pytest.fixture(scope="module")
 def reference(fixture_dir):
-    seg = torch.load(fixture_dir / "segmentation.pt")
-    meta = json.loads((fixture_dir / "segmentation_prompts.json").read_text())
-    assert set(meta["settings"]) == set(SETTINGS) and set(meta["class_lists"]) == set(LISTS)
-    for name, value in SETTINGS.items():
-        assert value == (meta["settings"][name]["bg_thresh"] if meta["settings"][name]["with_bg"] else None)
-    return seg, meta
+    ref = Reference.load(fixture_dir)
+    assert set(ref.meta["class_lists"]) == set(LISTS) and set(ref.meta["settings"]) == set(SETTINGS)
+    return ref.tensors, ref.meta
 
 
 @pytest.fixture(scope="module")
@@ -93,30 +85,21 @@ def test_every_window_matches_the_released_window(encoded_once, reference):
     assert flips <= 20, f"{flips} pixels flipped over 9 windows (1,806,336 pixels)"
 
 
-def test_every_label_and_probability_matches_the_release(encoded_once, reference):
-    seg, meta = reference
+def test_every_label_and_probability_matches_the_release(encoded_once, fixture_dir):
+    reference = Reference.load(fixture_dir)
     agree, worst, cases = [], 0.0, 0
-    for lst in LISTS:
-        for setting, bg in SETTINGS.items():
-            segmenter = Segmenter(encoded_once, meta["class_lists"][lst], ProtocolSettings(bg_thresh=bg))
-            torch.testing.assert_close(segmenter.classes, seg[f"classes.{lst}.embedding"], atol=ATOL, rtol=0)
-            assert segmenter.names[0] == ("background" if bg is not None else meta["class_lists"][lst][0])
-            for image in IMAGES:
-                case = f"{image}.{lst}.{setting}"
-                sig = seg[f"{image}.sig"].long()  # full map = per-signature row at each pixel
-                result = segmenter.segment(seg[f"{image}.image"].float()[0], tuple(seg[f"{image}.ori_shape"].tolist()))
-                if image == "img2":  # resized to 200×150: labels in full, probabilities every 8th pixel
-                    labels, probs = seg[f"{case}.labels"].long(), seg[f"{case}.probs_sub"]
-                    ours = result.probs[:, ::8, ::8]
-                else:
-                    labels, probs = seg[f"{case}.labels_pal"].long()[sig], seg[f"{case}.probs_pal"][sig].permute(2, 0, 1)
-                    ours = result.probs
-                assert result.labels.shape == labels.shape
-                agree.append((result.labels == labels).double().mean().item())
-                assert agree[-1] == 1.0, f"{case}: {100 * agree[-1]:.3f} % of labels agree"
-                torch.testing.assert_close(ours, probs, atol=ATOL, rtol=0, msg=case)
-                worst = max(worst, (ours - probs).abs().max().item())
-                cases += 1
+    for lst, names, setting, bg in reference.lists():
+        segmenter = Segmenter(encoded_once, names, ProtocolSettings(bg_thresh=bg))
+        torch.testing.assert_close(segmenter.classes, reference.tensors[f"classes.{lst}.embedding"], atol=ATOL, rtol=0)
+        assert segmenter.names[0] == ("background" if bg is not None else names[0])
+        for image in IMAGES:
+            result = segmenter.segment(*reference.image(image))
+            fraction, diff = reference.compare(image, lst, setting, result.labels, result.probs)
+            assert fraction == 1.0, f"{image}.{lst}.{setting}: {100 * fraction:.3f} % of labels agree"
+            assert diff <= ATOL, f"{image}.{lst}.{setting}: probabilities differ by {diff:.2e}"
+            agree.append(fraction)
+            worst = max(worst, diff)
+            cases += 1
     assert cases == 60 and min(agree) == 1.0 and worst <= ATOL
 
 
