@@ -175,3 +175,21 @@ def test_safe_normalize_matches_f_normalize_and_bounds_tnpr_gradient():
     (g_big,) = torch.autograd.grad(pg_loss(big, protos, torch.tensor(10.0), maximize=False, hrs=True, phi=0.1,
                                            hrs_rule="column0", reduction="pooled").loss, big)
     assert g_big.abs().max() == 0
+
+
+@pytest.mark.parametrize("reduction, rule", [("pooled", "column0"), ("per_image_mean", "matched_pair")])
+def test_pg_loss_is_zero_with_no_gradient_when_hrs_keeps_no_pair(reduction, rule):
+    """The release's pooled loss is the mean over no rows (NaN) when HRS keeps nothing; ours is 0 (a deliberate
+    difference, README): the step goes on with no PG gradient."""
+    torch.manual_seed(3)
+    centres = torch.randn(2, 8, 16, requires_grad=True)
+    protos = torch.randn(2, 8, 16)
+    out = pg_loss(centres, protos, torch.tensor(10.0), maximize=False, hrs=True, phi=1.0, hrs_rule=rule,
+                  reduction=reduction)
+    assert not out.keep_g2p.any() and not out.keep_p2g.any()  # nothing passes φ = 1
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert torch.equal(centres.grad, torch.zeros_like(centres))
+    kept = pg_loss(centres, protos, torch.tensor(10.0), maximize=False, hrs=True, phi=-2.0, hrs_rule=rule,
+                   reduction=reduction)
+    assert kept.keep_g2p.all() and kept.loss.item() > 0  # the same inputs with every pair kept
