@@ -16,18 +16,23 @@ CAPTIONS = ["a dog running on the beach", "two people riding bikes", "a bowl of 
             "mountains covered in snow", "a plate of pasta"]
 
 
-def training_step(preset: str, batch: int, overrides: tuple[str, ...] = ()) -> tuple[Callable[[], None], PGSeg, tuple]:
-    """A closure running one full training step of ``preset`` on a fixed random batch."""
+def training_step(preset: str, batch: int, overrides: tuple[str, ...] = (), device: torch.device | str = "cpu",
+                  precision: str = "fp32") -> tuple[Callable[[], None], PGSeg, tuple]:
+    """A closure running one full training step of ``preset`` on a fixed random batch (``precision`` bf16 or fp16:
+    the forward under autocast, as the trainer runs it)."""
     config = load_config(preset, list(overrides))
-    model = PGSeg.from_config(config).train()
+    device = torch.device(device)
+    model = PGSeg.from_config(config).to(device).train()
     size = config.model.image.img_size
-    images = torch.randn(batch, 3, size, size)
-    tokens = tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], config.model.text.context_length)
+    images = torch.randn(batch, 3, size, size, device=device)
+    tokens = tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], config.model.text.context_length).to(device)
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
-        out = model(images, tokens)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(images, tokens)
         out.loss.backward()
         optimiser.step()
         model.ema_step(out.prototypes)

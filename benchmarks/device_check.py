@@ -1,0 +1,185 @@
+"""One call on a GPU machine: does the code run there and give the released numbers, and how fast is it.
+
+    python -m benchmarks.device_check [--fixture DIR] [--out results/device_check.json] [--batch 128]
+
+1. parity on the device (float32, TF32 off): the released fixture's model — embeddings against ``outputs.pt`` and
+   the zero-shot protocol against ``segmentation.pt`` (labels that agree, max |Δ| of probabilities, 60 cases);
+2. the paper-size training step (pgseg_vit_s at 224, bf16 autocast, AdamW, prototype EMA): images/s and peak
+   memory with NPR in official mode, in paper mode, and without NPR (GroupViT), side by side, with ratios;
+3. the batched Hungarian solver (64×64 cost matrices, batch 256) on the device, against the CPU backend and SciPy
+   per matrix, same assignments checked;
+4. the zero-shot protocol on a 500×375 image (VOC's usual size) with VOC's 20 classes: seconds per image.
+
+Each part is timed after a warm-up; a part that fails records its error and the others still run. The figures go to
+``--out`` as JSON (command, commit, date, device, numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
+               "horse", "motorbike", "person", "plant", "sheep", "sofa", "train", "monitor"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def parity(fixture: Path, device: torch.device) -> dict:
+    from benchmarks.fixture import IMAGES, Reference
+    from jobs.convert import convert_checkpoint
+    from pgseg.segment import ProtocolSettings, Segmenter
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model, _, report = convert_checkpoint(fixture / "released_layout_small.pth", "pgseg-official")
+    if not report.ok:
+        raise RuntimeError(report.text())
+    model = model.to(device).eval()
+    inputs, outputs = torch.load(fixture / "inputs.pt"), torch.load(fixture / "outputs.pt")
+    embed = {}
+    with torch.no_grad():
+        for name, key in (("img224", "images_224"), ("img448", "images_448")):
+            emb = model.encode_image(inputs[key].to(device))
+            for suffix, ours in (("image_x", emb.x), ("group_feat", emb.groups), ("pooled", emb.out.pooled)):
+                ref = outputs[f"{name}.{suffix}"]
+                embed[f"{name}.{suffix}"] = (ours.cpu().reshape(ref.shape) - ref).abs().max().item()
+    reference = Reference.load(fixture)
+    agree, worst = [], 0.0
+    for lst, names, setting, bg in reference.lists():
+        segmenter = Segmenter(model, names, ProtocolSettings(bg_thresh=bg))
+        for image in IMAGES:
+            pixels, size = reference.image(image)
+            result = segmenter.segment(pixels, size)
+            fraction, diff = reference.compare(image, lst, setting, result.labels, result.probs)
+            agree.append(fraction)
+            worst = max(worst, diff)
+    return {"embedding_max_abs_diff": embed, "segmentation_cases": len(agree),
+            "labels_agree_min_percent": 100 * min(agree), "labels_agree_mean_percent": 100 * sum(agree) / len(agree),
+            "probs_max_abs_diff": worst}
+
+
+def training_steps(device: torch.device, batch: int, repeats: int) -> dict:
+    from benchmarks.common import training_step
+
+    rows = {}
+    for name, preset, overrides in (("pgseg_official", "pgseg_vit_s", ("npr.mode=official",)),
+                                    ("pgseg_paper", "pgseg_vit_s", ("npr.mode=paper",)),
+                                    ("groupvit_no_npr", "groupvit_vit_s", ())):
+        torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+        step, model, _ = training_step(preset, batch, overrides, device=device, precision="bf16")
+        seconds = _timed(step, device, repeats)
+        rows[name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds,
+                      "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
+                                          if device.type == "cuda" else None)}
+        del step, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = rows["groupvit_no_npr"]["seconds_per_step"]
+    for row in rows.values():
+        row["time_vs_groupvit"] = row["seconds_per_step"] / base
+    return {"batch": batch, "img_size": 224, "precision": "bf16", "steps": rows}
+
+
+def matching(device: torch.device, repeats: int) -> dict:
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+    from pgseg.model.matching import linear_sum_assignment
+
+    cost = torch.rand(256, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = {"batch": 256, "size": 64}
+    gpu_cols = None
+    if device.type == "cuda":
+        on_device = cost.to(device)
+        out["device_s"] = _timed(lambda: linear_sum_assignment(on_device), device, repeats)
+        gpu_cols = linear_sum_assignment(on_device)[1].cpu()
+    out["cpu_numba_s"] = _timed(lambda: linear_sum_assignment(cost), torch.device("cpu"), repeats)
+    cpu_cols = linear_sum_assignment(cost)[1]
+    arrays = cost.numpy()
+    out["scipy_loop_s"] = _timed(lambda: [scipy_lsa(c) for c in arrays], torch.device("cpu"), repeats)
+    scipy_cols = torch.from_numpy(np.stack([scipy_lsa(c)[1] for c in arrays]))
+    out["cpu_same_as_scipy"] = bool(torch.equal(cpu_cols, scipy_cols))
+    if gpu_cols is not None:
+        out["device_same_as_scipy"] = bool(torch.equal(gpu_cols, scipy_cols))
+        out["scipy_over_device"] = out["scipy_loop_s"] / out["device_s"]
+    out["scipy_over_cpu_numba"] = out["scipy_loop_s"] / out["cpu_numba_s"]
+    return out
+
+
+def segmentation_speed(device: torch.device, repeats: int) -> dict:
+    import numpy as np
+
+    from pgseg.config import load_config
+    from pgseg.model import PGSeg
+    from pgseg.segment import ProtocolSettings, Segmenter
+
+    model = PGSeg.from_config(load_config("pgseg_vit_s", ["npr.mode=official"])).to(device).eval()
+    segmenter = Segmenter(model, VOC_CLASSES, ProtocolSettings(bg_thresh=0.95))
+    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    seconds = _timed(lambda: segmenter(image), device, repeats)
+    return {"image": "375x500 -> 448x597 (2 windows)", "classes": len(VOC_CLASSES), "seconds_per_image": seconds,
+            "images_per_s": 1 / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixture", default=str(REPO.parent / "shared" / "reference" / "released_fixture"))
+    parser.add_argument("--out", default=str(REPO / "results" / "device_check.json"))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--commit", default=None, help="the commit measured (default: git's HEAD here; a copied "
+                        "working tree on a device machine may not carry the repository)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                           text=True).stdout.strip()
+    result = {"command": "python -m benchmarks.device_check " + " ".join(sys.argv[1:]), "commit": commit or None,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "python": platform.python_version()}
+    parts = {"parity": lambda: parity(Path(args.fixture), device),
+             "training_step": lambda: training_steps(device, args.batch, args.repeats),
+             "matching": lambda: matching(device, args.repeats),
+             "segmentation": lambda: segmentation_speed(device, args.repeats)}
+    for name, part in parts.items():
+        start = time.perf_counter()
+        try:
+            result[name] = part()
+        except Exception as exc:  # noqa: BLE001 - one part failing must not lose the others' figures
+            result[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+        result[name]["wall_s"] = time.perf_counter() - start
+        print(name, json.dumps(result[name], indent=1), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
