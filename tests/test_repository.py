@@ -17,6 +17,17 @@ def test_readme_starts_with_the_quickstart_and_the_test_command_ci_runs():
     assert "pytest" in tests
 
 
+def test_readme_figures_are_the_results_files():
+    """Every generated block of the README is what its results file gives (and a changed figure would show)."""
+    from benchmarks.readme import render
+
+    readme = (REPO / "README.md").read_text()
+    assert "<!-- generated: device_check -->" in readme
+    assert render(readme) == readme
+    emptied = re.sub(r"(<!-- generated: device_check -->\n).*?(<!-- end: device_check -->)", r"\1\2", readme, flags=re.S)
+    assert emptied != readme and render(emptied) == readme
+
+
 def test_pgseg_imports_without_ray_or_mlflow():
     code = ("import sys, pgseg, pgseg.model, pgseg.checkpoint, pgseg.losses, pgseg.text, pgseg.distributed; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'pipelines', 'jobs')]; "

@@ -1,0 +1,87 @@
+"""README tables made from ``results/*.json`` (the files the benchmarks write), never typed in.
+
+    python -m benchmarks.readme          # rewrites the generated blocks of README.md
+    python -m benchmarks.readme --check  # exit 1 if a block differs from what its results file gives
+
+A block sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; NAME picks the renderer below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results"
+
+
+def _device_check() -> str:
+    now = json.loads((RESULTS / "device_check.json").read_text())
+    before = json.loads((RESULTS / "device_check_before_host_matching.json").read_text())
+    p, t, m, s = now["parity"], now["training_step"], now["matching"], now["segmentation"]
+    old = before["training_step"]["steps"]["pgseg_official"]
+    lines = [
+        f"Measured by `{now['command']}` on one {now['device']} (torch {now['torch']}), {now['date'][:10]}, commit "
+        f"`{now['commit'][:7]}` (`results/device_check.json`):",
+        "",
+        "| what | figure |",
+        "|---|---|",
+        f"| released fixture on the GPU, float32: zero-shot protocol | {p['segmentation_cases']} cases, "
+        f"{p['labels_agree_min_percent']:.1f} % of labels agree in the worst case, probabilities within "
+        f"{p['probs_max_abs_diff']:.1e} |",
+        f"| released fixture on the GPU: embeddings | within {max(p['embedding_max_abs_diff'].values()):.1e} |",
+    ]
+    for name, label in (("pgseg_official", "PGSeg, NPR official"), ("pgseg_paper", "PGSeg, NPR paper"),
+                        ("groupvit_no_npr", "GroupViT (no NPR)")):
+        row = t["steps"][name]
+        lines.append(f"| training step, pgseg_vit_s, batch {t['batch']} at {t['img_size']}, {t['precision']}: "
+                     f"{label} | {row['images_per_s']:.0f} images/s, {row['time_vs_groupvit']:.2f}× the GroupViT "
+                     f"step, {row['peak_memory_gib']:.1f} GiB |")
+    lines += [
+        f"| the same, NPR official, with the earlier lock-step GPU matching (`{before['commit'][:7]}`) | "
+        f"{old['images_per_s']:.0f} images/s, {old['time_vs_groupvit']:.2f}× the GroupViT step |",
+        f"| exact matching, {m['batch']} problems of {m['size']}×{m['size']} | GPU batch (solved on its host) "
+        f"{1e3 * m['device_s']:.1f} ms, SciPy loop {1e3 * m['scipy_loop_s']:.1f} ms "
+        f"({m['scipy_over_device']:.1f}×), same assignments: {m['device_same_as_scipy']} |",
+        f"| zero-shot protocol, {s['image']}, {s['classes']} classes, random weights | "
+        f"{1e3 * s['seconds_per_image']:.0f} ms per image |",
+    ]
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check}
+BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
+
+
+def render(text: str) -> str:
+    def fill(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in RENDERERS:
+            raise KeyError(f"README block {name!r}: no renderer (known: {sorted(RENDERERS)})")
+        return f"{match.group(1)}{RENDERERS[name]()}\n{match.group(4)}"
+
+    return BLOCK.sub(fill, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("README.md: a generated block differs from its results file; run python -m benchmarks.readme",
+                  file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
