@@ -18,11 +18,24 @@ REFERENCE = SHARED / "reference"
 FIXTURE = REFERENCE / "released_fixture"
 
 
+def _shared(path: Path, what: str) -> Path:
+    """``path`` from the shared/ folder beside the repository (CI has it; a user's clone does not): the tests that
+    need it skip with the reason when it is absent."""
+    if not path.exists():
+        pytest.skip(f"{what} is not at {path}: the shared/ folder is not beside this clone (set PGSEG_SHARED to it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """``shared/reference``: the released checkpoint's key list."""
+    return _shared(REFERENCE / "official_pgseg_state_dict_keys.tsv", "the released key list").parent
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    if not (FIXTURE / "released_layout_small.pth").is_file():
-        pytest.fail(f"the released fixture is not at {FIXTURE} (set PGSEG_SHARED to the shared/ folder)")
-    return FIXTURE
+    """``shared/reference/released_fixture``: the released code's small model and its outputs."""
+    return _shared(FIXTURE / "released_layout_small.pth", "the released fixture").parent
 
 
 @pytest.fixture(scope="session")

@@ -120,8 +120,9 @@ def test_malicious_pickle_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-def test_truncated_empty_and_foreign_files(tmp_path, fixture_dir):
-    good = (fixture_dir / "released_layout_small.pth").read_bytes()
+def test_truncated_empty_and_foreign_files(tmp_path):
+    torch.save({"model": _released_layout_checkpoint("tiny"), "config": OmegaLike(lr=1.0)}, tmp_path / "good.pth")
+    good = (tmp_path / "good.pth").read_bytes()
     cases = {"truncated.pth": good[: len(good) // 3], "empty.pth": b"", "text.pth": b"hello, I am not a model\n",
              "zip.pth": b""}
     for name, data in cases.items():
@@ -172,12 +173,10 @@ def test_pgseg_convert_command(tmp_path, fixture_dir):
     assert proc.returncode == 2 and "nothing was written" in proc.stderr and not bad_out.exists()
 
 
-def _from_released_key_list(skip_pgseg_only: bool = False) -> dict:
+def _from_released_key_list(reference_dir, skip_pgseg_only: bool = False) -> dict:
     """Random tensors with exactly the names, shapes and dtypes of the released checkpoint (SPEC §7 key list)."""
-    from conftest import REFERENCE
-
     state = {}
-    for line in (REFERENCE / "official_pgseg_state_dict_keys.tsv").read_text().splitlines():
+    for line in (reference_dir / "official_pgseg_state_dict_keys.tsv").read_text().splitlines():
         name, shape, dtype = line.split("\t")
         if skip_pgseg_only and ("downsample_spatial" in name or "mapping_text" in name
                                 or name in ("img_encoder.logit_scale", "text_encoder.Atten.mu")):
@@ -189,8 +188,8 @@ def _from_released_key_list(skip_pgseg_only: bool = False) -> dict:
 
 
 @pytest.mark.parametrize("source", ["pgseg-official", "groupvit-official"])
-def test_released_key_list_converts_into_pgseg_vit_s(tmp_path, source):
-    state = _from_released_key_list(skip_pgseg_only=source == "groupvit-official")
+def test_released_key_list_converts_into_pgseg_vit_s(tmp_path, source, reference_dir):
+    state = _from_released_key_list(reference_dir, skip_pgseg_only=source == "groupvit-official")
     path = tmp_path / "released.pth"
     torch.save({"model": state, "config": OmegaLike(model={"type": "MultiLabelContrastive"}), "amp": _Apex(),
                 "optimizer": {"state": {}}, "epoch": 30}, path)

@@ -7,22 +7,20 @@ from pgseg.config import load_config
 from pgseg.model import PGSeg
 from pgseg.text import tokenize
 
-from conftest import REFERENCE
-
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", ".mu")
 
 
-def _released_entries():
+def _released_entries(reference_dir):
     rows = []
-    for line in (REFERENCE / "official_pgseg_state_dict_keys.tsv").read_text().splitlines():
+    for line in (reference_dir / "official_pgseg_state_dict_keys.tsv").read_text().splitlines():
         name, shape, _ = line.split("\t")
         dims = [int(d) for d in shape.strip("()").split(",") if d.strip()]
         rows.append((name, math.prod(dims)))
     return rows
 
 
-def test_parameter_count_equals_release_less_the_unused_mapping_text():
-    entries = _released_entries()
+def test_parameter_count_equals_release_less_the_unused_mapping_text(reference_dir):
+    entries = _released_entries(reference_dir)
     released_params = sum(n for name, n in entries if not name.endswith(BUFFER_SUFFIXES))
     assert released_params == 64_677_394  # SPEC §2.1, from the released key list
     mapping_text = sum(n for name, n in entries if name.startswith("img_encoder.mapping_text.")
