@@ -43,7 +43,7 @@ class ProtocolSettings:
     #                        bilinear on the normalised float image
 
     @classmethod
-    def of(cls, eval_config, bg_thresh: float | None, **override: int | None) -> "ProtocolSettings":
+    def of(cls, eval_config, bg_thresh: float | None, **override: int | str | None) -> "ProtocolSettings":
         """The settings of a config's ``eval`` section, with the caller's background threshold; ``override``
         values that are not None (e.g. command-line flags) win."""
         values = {k: getattr(eval_config, k) for k in ("window", "stride", "short_side", "resize")}

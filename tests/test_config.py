@@ -44,6 +44,7 @@ def test_yaml_file_with_base_and_overrides(tmp_path):
     ("optim.lr=-1", "optim.lr"),
     ("schedule.warmup_epochs=99", "schedule.warmup_epochs"),
     ("train.precision=fp8", "train.precision"),
+    ("eval.resize=bicubic", "eval.resize"),
     ("npr.enabled=false", "npr.enabled"),
 ])
 def test_bad_values_name_the_key(override, key):

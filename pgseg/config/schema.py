@@ -261,10 +261,9 @@ class EvalConfig:
     stride: int = 224
     short_side: int = 448
     bg_thresh: float | None = None  # None = the dataset's default (SPEC §6)
-    resize: str = "uint8"  # the protocol's image resize: "uint8" (the release: OpenCV bilinear on 8-bit pixels) | "float"
+    resize: Literal["uint8", "float"] = "uint8"  # the protocol's image resize; uint8: the release's (OpenCV bilinear)
 
     def validate(self, key: str) -> None:
-        _require(self.resize in ("uint8", "float"), f"{key}.resize", f"must be uint8 or float, got {self.resize!r}")
         _require(self.every_epochs >= 0, f"{key}.every_epochs", "must be >= 0")
         _require(self.every_steps >= 0, f"{key}.every_steps", "must be >= 0")
         for i, spec in enumerate(self.datasets):
