@@ -52,7 +52,18 @@ def _device_check() -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check}
+def _quickstart() -> str:
+    q = json.loads((RESULTS / "quickstart.json").read_text())
+    v = q["val"]
+    per_class = ", ".join(f"{row['class']} {100 * row['iou']:.1f}" for row in v["table"])
+    minutes, seconds = divmod(q["quickstart_s"], 60)
+    return ("| run | val mIoU | all-background | per class IoU | wall time |\n|---|---|---|---|---|\n"
+            f"| `pgseg quickstart` (the default) from a clean clone, commit `{q['commit'][:7]}` "
+            f"(`results/quickstart.json`) | **{100 * v['miou']:.1f}** | {100 * v['all_background_miou']:.1f} | "
+            f"{per_class} | {minutes} min {seconds} s (+ {q['install_s']} s install) |")
+
+
+RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check, "quickstart": _quickstart}
 BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
 
 
