@@ -39,16 +39,15 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """Median seconds of ``repeats`` calls (each waited for on the device) after one warm-up call."""
+    from benchmarks.common import median, time_call
+
+    def call() -> None:
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+
+    call()
+    return median([time_call(call) for _ in range(repeats)])
 
 
 def parity(fixture: Path, device: torch.device) -> dict:
@@ -91,7 +90,8 @@ def training_steps(device: torch.device, batch: int, repeats: int) -> dict:
     for name, preset, overrides in (("pgseg_official", "pgseg_vit_s", ("npr.mode=official",)),
                                     ("pgseg_paper", "pgseg_vit_s", ("npr.mode=paper",)),
                                     ("groupvit_no_npr", "groupvit_vit_s", ())):
-        torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         step, model, _ = training_step(preset, batch, overrides, device=device, precision="bf16")
         seconds = _timed(step, device, repeats)
         rows[name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds,

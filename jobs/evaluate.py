@@ -6,6 +6,8 @@ import argparse
 import sys
 from functools import partial
 
+from pgseg.config.schema import RESIZE_RULES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a pgseg model file (.safetensors)")
@@ -21,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="default: the model config's eval.window")
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--short-side", type=int, default=None)
-    p.add_argument("--resize", choices=("uint8", "float"), default=None,
+    p.add_argument("--resize", choices=RESIZE_RULES, default=None,
                    help="image resize: uint8 = the release's (OpenCV bilinear on 8-bit pixels, the default), "
                         "float = torch bilinear on the normalised image")
     p.add_argument("--actors", type=int, default=1, help="model replicas (Ray Data actors)")

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .config.schema import RESIZE_RULES
 from .text import SEGMENTATION_TEMPLATES, fill_templates, tokenize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # what folders are searched for
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_RULES = ("uint8", "float")
 
 
 @dataclass
@@ -39,8 +39,7 @@ class ProtocolSettings:
     max_long_side: int = 2048
     bg_thresh: float | None = 0.95  # None: no background class (every pixel gets a named class)
     topk: int = 5  # each window's class set: the top-k classes of its image-level embedding
-    resize: str = "uint8"  # "uint8": the release's (8-bit image, OpenCV bilinear, then normalise); "float": torch
-    #                        bilinear on the normalised float image
+    resize: str = "uint8"  # one of RESIZE_RULES: "uint8" the release's, "float" torch on the normalised image
 
     @classmethod
     def of(cls, eval_config, bg_thresh: float | None, **override: int | str | None) -> "ProtocolSettings":

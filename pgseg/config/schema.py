@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# the zero-shot protocol's image resize: "uint8" = the release's (OpenCV bilinear on the 8-bit image, then
+# normalise), "float" = torch bilinear on the normalised image
+RESIZE_RULES = ("uint8", "float")
+
 __all__ = [
     "ConfigError", "ImageEncoderConfig", "TextEncoderConfig", "ModelConfig", "NPRConfig", "LossConfig",
     "OptimConfig", "ScheduleConfig", "DataConfig", "EvalConfig", "TrackingConfig", "TrainConfig", "Config",
@@ -261,7 +265,7 @@ class EvalConfig:
     stride: int = 224
     short_side: int = 448
     bg_thresh: float | None = None  # None = the dataset's default (SPEC §6)
-    resize: Literal["uint8", "float"] = "uint8"  # the protocol's image resize; uint8: the release's (OpenCV bilinear)
+    resize: Literal[RESIZE_RULES] = "uint8"  # the protocol's image resize (RESIZE_RULES)
 
     def validate(self, key: str) -> None:
         _require(self.every_epochs >= 0, f"{key}.every_epochs", "must be >= 0")
