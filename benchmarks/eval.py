@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on loopback
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from pipelines.runtime import start_ray, use_loopback  # noqa: E402
+
+use_loopback()  # before Ray is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
@@ -87,7 +88,7 @@ def main() -> None:
     plain_scores, _ = evaluate_in_process(model, dataset, settings)
     plain = time.perf_counter() - start
 
-    ray.init(num_cpus=cores, logging_level=logging.ERROR, log_to_driver=False)
+    start_ray(num_cpus=cores, logging_level=logging.ERROR, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
     result = evaluate(str(model_path), dataset, settings, actors=2, cpus_per_actor=cores / 2, overlays=0)

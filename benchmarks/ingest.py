@@ -12,8 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local run stays on loopback
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from pipelines.runtime import start_ray, use_loopback  # noqa: E402
+
+use_loopback()  # before Ray is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"download: {manifest['samples']} images in {dl:.1f} s = {manifest['samples'] / dl:.0f} images/s "
               f"({args.workers} processes, loopback HTTP)")
         shards = sorted(str(p) for p in (root / "shards").glob("*.tar"))
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        start_ray(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ingest = Ingest([shards], img_size=SIZE, context_length=CONTEXT, train=True)
         ray_t, plain_t = [], []

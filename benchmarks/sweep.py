@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on loopback
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from pipelines.runtime import start_ray, use_loopback  # noqa: E402
+
+use_loopback()  # before Ray is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     (root / "sweep.yaml").write_text(yaml.safe_dump({"name": "bench", "base": str(root / "base.yaml"),
                                                      "workdir": str(root), "metric": "eval/dev/mIoU",
                                                      "space": {"train.seed": {"grid": [0, 1]}}}))
-    ray.init(num_cpus=2, log_to_driver=False, logging_level=logging.ERROR)
+    start_ray(num_cpus=2, log_to_driver=False, logging_level=logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     start = time.perf_counter()

@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on loopback
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from pipelines.runtime import start_ray, use_loopback  # noqa: E402
+
+use_loopback()  # before Ray is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
@@ -117,7 +118,7 @@ def main() -> None:
     shards = make_shards(root, args.images)
     config = load_config("tiny", [f"data.shards=[{shards}]", f"data.batch_size={args.batch}"])
     plain = plain_process(config, shards, args.steps)
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level=logging.ERROR)
+    start_ray(num_cpus=os.cpu_count(), log_to_driver=False, logging_level=logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
     one = ray_train(config, args.steps, 1, root)
     two = ray_train(config, args.steps, 2, root)

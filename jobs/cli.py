@@ -4,7 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pgseg import __version__
+from .runtime import loopback_unless_named
+
+from importlib.metadata import version
+
+__version__ = version("pgseg")  # (importing pgseg here would import torch: --help stays fast)
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -40,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    loopback_unless_named(args)
     if args.command == "data":
         from . import data
 

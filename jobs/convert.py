@@ -10,11 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from pgseg.checkpoint import CheckpointError, KeyReport, convert_file, read_checkpoint_file, save_model
-from pgseg.config import Config, ConfigError, load_config
-from pgseg.model import PGSeg
+if TYPE_CHECKING:
+    from pgseg.checkpoint import KeyReport
+    from pgseg.config import Config
+    from pgseg.model import PGSeg
 
 
 def overrides_from_build_config(obj: Any) -> list[str]:
@@ -41,9 +42,13 @@ def overrides_from_build_config(obj: Any) -> list[str]:
 
 
 def convert_checkpoint(path: str | Path, source: str, config: str | None = None,
-                       sets: Sequence[str] = ()) -> tuple[PGSeg, Config, KeyReport]:
+                       sets: Sequence[str] = ()) -> tuple["PGSeg", "Config", "KeyReport"]:
     """A released checkpoint → (our model in official mode, loaded; its config; the key report). The architecture
     comes from the file's plain-data build config unless ``config`` (a preset or YAML) names one."""
+    from pgseg.checkpoint import convert_file, read_checkpoint_file
+    from pgseg.config import load_config
+    from pgseg.model import PGSeg
+
     raw = read_checkpoint_file(path)
     arch = overrides_from_build_config(raw) if config is None else []
     resolved = load_config(config or "pgseg_vit_s", [*arch, "npr.mode=official", *sets])
@@ -55,6 +60,9 @@ def convert_checkpoint(path: str | Path, source: str, config: str | None = None,
 
 
 def run(args: argparse.Namespace) -> int:
+    from pgseg.checkpoint import CheckpointError, save_model
+    from pgseg.config import ConfigError
+
     try:
         model, config, report = convert_checkpoint(args.input, getattr(args, "from"), args.config, args.set)
         print(report.text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .runtime import init_ray
+from .runtime import add_ray_options
 
 
 def _source_spec(text: str, args: argparse.Namespace):
@@ -25,8 +25,10 @@ def _source_spec(text: str, args: argparse.Namespace):
 def cmd_sources(args: argparse.Namespace) -> int:
     from pipelines.sources import build_url_list
 
+    from pipelines.runtime import start_ray
+
     specs = [_source_spec(s, args) for s in args.source]
-    init_ray()
+    start_ray(args.address, verbose=args.verbose)
     report = build_url_list(specs, args.out, seed=args.seed, rows_per_part=args.rows_per_part)
     print(report.text())
     print(f"url list: {args.out} ({len(report.parts)} parquet part(s))")
@@ -42,18 +44,21 @@ def _spec_from_args(args: argparse.Namespace):
         if not sep:
             raise ValueError(f"--option {item!r}: expected KEY=VALUE")
         options[key] = yaml.safe_load(value)
-    return DownloadSpec(image_size=args.image_size, number_sample_per_shard=args.per_shard,
+    spec = DownloadSpec(image_size=args.image_size, number_sample_per_shard=args.per_shard,
                         processes_count=args.processes, thread_count=args.threads, timeout=args.timeout,
                         distributor=args.distributor, shard_retries=args.shard_retries,
                         shared_storage=args.shared_storage, options=options)
+    if spec.distributor == "ray":
+        from pipelines.runtime import start_ray
+
+        start_ray(args.address, verbose=args.verbose)
+    return spec
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     from pipelines.download import download
 
     spec = _spec_from_args(args)
-    if spec.distributor == "ray":
-        init_ray()
     manifest = download(args.url_list, args.out, spec)
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
     if args.track:
@@ -121,6 +126,7 @@ def _download_options(p: argparse.ArgumentParser, image_size: int = 512) -> None
     p.add_argument("--shared-storage", action="store_true", help="the output folder is a mount every node sees")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other img2dataset.download argument (repeatable)")
+    add_ray_options(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -135,6 +141,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url-column", default="url")
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--yfcc-metadata", action="append", default=[])
+    add_ray_options(p)
     p.set_defaults(func=cmd_sources)
     p = dsub.add_parser("download", help="url list → webdataset shards with img2dataset, plus a manifest")
     p.add_argument("url_list")

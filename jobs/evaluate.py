@@ -8,6 +8,8 @@ from functools import partial
 
 from pgseg.config.schema import RESIZE_RULES
 
+from .runtime import add_ray_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a pgseg model file (.safetensors)")
@@ -33,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--no-track", action="store_true")
     p.add_argument("--run-id", default=None, help="log into this MLflow run (e.g. the training run)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_ray_options(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,9 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate, evaluate_classification, log_classification, log_to_mlflow
     from pipelines.tracking import resolve_uri
 
-    from .runtime import init_ray
+    from pipelines.runtime import quiet_logs, start_ray
 
-    init_ray(args.address)
+    start_ray(args.address, verbose=args.verbose)
+    quiet_logs(args.verbose)
     run_id = args.run_id
     tasks = []  # (evaluation, its MLflow logger): segmentation sets first, then classification sets
     for dataset, settings in plans:

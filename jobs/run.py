@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .runtime import add_ray_options
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIGS / "experiments" / "quickstart.yaml"
 
@@ -23,7 +25,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="where the stages write (default: the experiment's workdir)")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE",
                    help="run this stage (and the ones after it) even if it finished before")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_ray_options(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,9 +56,11 @@ def _execute(experiment, args: argparse.Namespace) -> tuple[int, object]:
     from pgseg.config import ConfigError
     from pipelines.workflow import WorkflowError, run_workflow
 
-    from .runtime import quiet_logs
+    from pipelines.runtime import named_address, quiet_logs, use_loopback
 
-    quiet_logs()
+    if not named_address(args.address):
+        use_loopback()  # before Ray is imported
+    quiet_logs(args.verbose)
     try:
         result = run_workflow(experiment, redo=args.redo)
     except ConfigError as exc:
@@ -79,10 +83,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def quickstart(args: argparse.Namespace) -> int:
-    import os
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the embedded Ray stays on 127.0.0.1
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray needs no token
     extra = []
     if args.minutes is not None:
         if args.minutes <= 0:

@@ -1,34 +1,37 @@
-"""How a job attaches to Ray: the cluster of a Ray job (RAY_ADDRESS or --address), else an embedded local Ray whose
-dashboard (the state API Ray Train relies on) listens on 127.0.0.1 only."""
+"""What every job shares at its edge: the Ray options (``--address``, ``--verbose``), the user-error exit and the
+``python -m jobs.X`` entry point. How Ray is started or attached lives in :mod:`pipelines.runtime`."""
 from __future__ import annotations
 
-import logging
-import os
+import argparse
+import sys
+
+USER_ERROR = 2  # the exit code of every bad input: a message, never a traceback
 
 
-def init_ray(address: str | None = None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING)
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="a Ray cluster to run on (default: $RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress bars")
 
 
-def quiet_logs() -> None:
-    """Our INFO lines, Ray's warnings: the stages and sweeps print what happens, and Ray's INFO lines (Ray Data
-    configures its own logger and console handler when imported) would drown them."""
-    import ray.data  # noqa: F401 - its logging setup first, then our levels
+def loopback_unless_named(args: argparse.Namespace) -> None:
+    """Before anything imports Ray: an embedded Ray (no ``--address``, no ``RAY_ADDRESS``) binds 127.0.0.1 only."""
+    from pipelines.runtime import named_address, use_loopback
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # (mlflow reads it per call)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("ray", "ray.data", "tensorboardX"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    if not named_address(getattr(args, "address", None)):
+        use_loopback()
+
+
+def user_error(message: object) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return USER_ERROR
 
 
 def entrypoint(prog: str, description: str | None, add_arguments, run, argv: list[str] | None = None) -> int:
     """``python -m jobs.X``: parse the job's arguments and run it (the ``pgseg X`` subcommand's twin)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    loopback_unless_named(args)
+    return run(args)

@@ -8,8 +8,6 @@ import io
 import sys
 from pathlib import Path
 
-from pgseg.segment import IMAGE_SUFFIXES
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
@@ -29,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _inputs(paths: list[str]) -> list[Path]:
+    from pgseg.segment import IMAGE_SUFFIXES
+
     files: list[Path] = []
     for item in paths:
         path = Path(item)

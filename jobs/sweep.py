@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 
+from .runtime import add_ray_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="a sweep YAML (see configs/sweeps/)")
@@ -17,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None,
                    help="where the sweep (and its experiment's data stages) write; the sweep goes to "
                         "<workdir>/sweeps/<name> (default: the experiment's workdir, else outputs)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_ray_options(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not (args.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray on this machine stays on loopback
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # (read when Ray is imported)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from pipelines.runtime import named_address, quiet_logs, use_loopback
+
+    if not named_address(args.address):
+        use_loopback()  # before Ray is imported
     from pgseg.config import ConfigError
     from pipelines.sweep import load_sweep
 
@@ -38,9 +41,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .runtime import quiet_logs
-
-    quiet_logs()
+    quiet_logs(args.verbose)
     # `ray job stop` sends SIGTERM: Tune saves its state on SIGINT, so the sweep can be resumed
     previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
@@ -61,9 +62,9 @@ def _sweep(spec, args: argparse.Namespace) -> int:
         except WorkflowError as exc:
             print(f"error: the experiment's data stages failed: {exc}", file=sys.stderr)
             return 1
-    from .runtime import init_ray
+    from pipelines.runtime import start_ray
 
-    init_ray(args.address)
+    start_ray(args.address, verbose=args.verbose)
     try:
         result = run_sweep(spec)
     except ConfigError as exc:

@@ -8,12 +8,14 @@ import json
 import os
 import sys
 
+from .runtime import add_ray_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--name", default=None, help="run name (= train.name): the same name again continues that run")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_ray_options(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,12 +41,10 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import logging
+    from pipelines.runtime import quiet_logs, start_ray
 
-    from .runtime import init_ray
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    init_ray(address)
+    start_ray(address, verbose=args.verbose)
+    quiet_logs(args.verbose)
     try:
         result = fit(plan)
     except ConfigError as exc:

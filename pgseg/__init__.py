@@ -3,10 +3,18 @@
     from pgseg import load_config, PGSeg
     model = PGSeg.from_config(load_config("tiny"))
 
-This package never imports Ray or MLflow (they live in ``pipelines/``).
+This package never imports Ray or MLflow (they live in ``pipelines/``). Its names load on first use, so that
+importing a light part (``pgseg.config``) does not import torch.
 """
-from .config import Config, ConfigError, load_config
-from .model import PGSeg
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "PGSeg", "load_config", "__version__"]
+_NAMES = {"Config": "pgseg.config", "ConfigError": "pgseg.config", "load_config": "pgseg.config",
+          "PGSeg": "pgseg.model"}
+__all__ = [*_NAMES, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'pgseg' has no attribute {name!r}")

@@ -496,10 +496,12 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
     ``TuneReportCallback``); ``run_tags`` and ``run_params`` go on a new MLflow run besides the config."""
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.ingest import Ingest
+    from pipelines.rendezvous import torch_config
+    from pipelines.runtime import on_loopback, train_log_level
     from pipelines.tracking import resolve_uri, finish_training_run, start_training_run
 
     config, t = plan.config, plan.config.train
@@ -534,12 +536,14 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
         data_config = ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, datasets={"train": dataset},
+        torch_config=torch_config(on_loopback()),
         **({"dataset_config": data_config} if data_config is not None else {}),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             logging_config=LoggingConfig(log_level=train_log_level())))
     try:
         result = trainer.fit()
     except Exception as exc:

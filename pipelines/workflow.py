@@ -227,9 +227,9 @@ class Context:
 
     def ray(self) -> None:
         if not self.ray_started:
-            from jobs.runtime import init_ray
+            from pipelines.runtime import start_ray
 
-            init_ray(self.experiment.address)
+            start_ray(self.experiment.address)
             self.ray_started = True
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tests stay on loopback: Ray reads these when it is imported (before any test module imports it).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from pipelines.runtime import start_ray, use_loopback
+
+use_loopback()  # tests stay on 127.0.0.1: Ray reads these when it is imported (before any test module imports it)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.pop("RAY_ADDRESS", None)  # the tests start their own clusters; a user's RAY_ADDRESS must not capture them
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PGSEG_SHARED", REPO.parent / "shared"))
@@ -57,14 +58,14 @@ def _deterministic():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster on 127.0.0.1 for the session (2 CPUs)."""
+    """A real local Ray cluster on 127.0.0.1 for the session (2 CPUs), our own even when another one runs."""
     import logging
 
     import ray
 
     # the dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner polls
-    ray.init(num_cpus=2, log_to_driver=False, logging_level=logging.ERROR,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    assert start_ray(num_cpus=2, log_to_driver=False, logging_level=logging.ERROR,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}) == "embedded"
     ray.data.DataContext.get_current().enable_progress_bars = False
     assert ray.util.get_node_ip_address() == "127.0.0.1"
     yield ray

@@ -1,0 +1,102 @@
+"""How everything we run attaches to Ray: the cluster the user names on purpose (``--address`` or ``RAY_ADDRESS``),
+else an embedded Ray on this machine whose every part (GCS, raylet, workers, dashboard and its agents, torch's
+rendezvous) listens on 127.0.0.1 only. A stray local cluster (someone's ``ray start``, whose address Ray keeps in
+/tmp/ray/ray_current_cluster) neither captures nor breaks an embedded run: ``address="local"`` always starts our own.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+
+LOOPBACK = "127.0.0.1"
+# Ray reads these when it is imported: its processes bind the loopback address instead of the machine's, and a
+# loopback-only cluster needs no token. Never set for a named cluster.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "tensorboardX")
+
+
+def named_address(address: str | None = None) -> str | None:
+    """The cluster the user named: ``address`` (``--address``), else ``RAY_ADDRESS``; None for an embedded Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def use_loopback() -> None:
+    """Keep an embedded Ray on 127.0.0.1: call before Ray is imported (the CLI and the tests do; start_ray too)."""
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def start_ray(address: str | None = None, *, num_cpus: float | None = None, verbose: bool = False,
+              **init_kwargs) -> str:
+    """Attach to the named cluster or start the embedded loopback one (once per process); returns which
+    ("cluster" or "embedded"). Ray's own INFO lines and worker output stay out of the terminal unless ``verbose``."""
+    named = named_address(address)
+    if not named:
+        use_loopback()
+    import ray
+
+    if ray.is_initialized():
+        return "cluster" if named else "embedded"
+    options = {"logging_level": logging.INFO if verbose else logging.WARNING, **init_kwargs}
+    if not verbose:  # Ray Data's INFO lines and Ray's deprecation notes from its processes (read when they start)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    if named:
+        ray.init(address=named, **options)
+        return "cluster"
+    _loopback_driver()
+    if options.get("include_dashboard", True):
+        # Ray Train's processes find the state API (the dashboard) by the address of "the" local cluster, which is
+        # another one when someone's `ray start` runs beside ours: name ours to every process of this job
+        port = options.setdefault("dashboard_port", free_port())
+        runtime_env = dict(options.pop("runtime_env", None) or {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
+                                   "RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}
+        options["runtime_env"] = runtime_env
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **options)
+    return "embedded"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _loopback_driver() -> None:
+    """Ray adapter (2.60): Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into ``ray_constants.ENABLE_RAY_CLUSTER`` when
+    it is imported; when something imported Ray before :func:`use_loopback` ran, the processes this driver starts
+    would bind the machine's address. The processes get the variable from the environment; the driver's copy is set
+    here. ``tests/test_edges.py`` lists the sockets of commands that import Ray early."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def on_loopback() -> bool:
+    """Whether every node of the attached cluster lives on 127.0.0.0/8 (the embedded Ray, or a test cluster)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return bool(nodes) and all(ipaddress.ip_address(n["NodeManagerAddress"]).is_loopback for n in nodes)
+
+
+def train_log_level() -> str:
+    """Ray Train's console level for a run (its ``RunConfig.logging_config``): the driver's, set by quiet_logs."""
+    return logging.getLevelName(logging.getLogger("ray.train").getEffectiveLevel())
+
+
+def quiet_logs(verbose: bool = False) -> None:
+    """Our INFO lines on the terminal; Ray's (Ray Data configures its own console handler when imported) and
+    MLflow's progress bars only with ``verbose``."""
+    import ray.data  # noqa: F401 - its logging setup first, then our levels
+
+    if not verbose:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # (mlflow reads it per call)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
