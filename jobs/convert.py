@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a released PGSeg/GroupViT checkpoint to a pgseg model file",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__)
     p.add_argument("--from", required=True, choices=["pgseg-official", "groupvit-official"],
                    help="layout of the input checkpoint")
     p.add_argument("--config", default=None, help="architecture preset or YAML (default: from the checkpoint, "

@@ -29,7 +29,8 @@ def cmd_sources(args: argparse.Namespace) -> int:
 
     specs = [_source_spec(s, args) for s in args.source]
     start_ray(args.address, verbose=args.verbose)
-    report = build_url_list(specs, args.out, seed=args.seed, rows_per_part=args.rows_per_part)
+    report = build_url_list(specs, args.out, seed=args.seed, rows_per_part=args.rows_per_part,
+                            overwrite=args.overwrite)
     print(report.text())
     print(f"url list: {args.out} ({len(report.parts)} parquet part(s))")
     return 0
@@ -116,13 +117,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _download_options(p: argparse.ArgumentParser, image_size: int = 512) -> None:
-    p.add_argument("--image-size", type=int, default=image_size)
+    p.add_argument("--image-size", type=int, default=image_size, help="images resized to this side (pixels)")
     p.add_argument("--per-shard", type=int, default=10000, help="samples per shard")
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--threads", type=int, default=32)
-    p.add_argument("--timeout", type=int, default=10)
-    p.add_argument("--distributor", choices=["multiprocessing", "ray"], default="multiprocessing")
-    p.add_argument("--shard-retries", type=int, default=2)
+    p.add_argument("--processes", type=int, default=2, help="download processes")
+    p.add_argument("--threads", type=int, default=32, help="download threads per process")
+    p.add_argument("--timeout", type=int, default=10, help="seconds to wait for one url")
+    p.add_argument("--distributor", choices=["multiprocessing", "ray"], default="multiprocessing",
+                   help="img2dataset's: processes on this machine, or one Ray task per shard on the cluster")
+    p.add_argument("--shard-retries", type=int, default=2, help="tries again for a shard that failed")
     p.add_argument("--shared-storage", action="store_true", help="the output folder is a mount every node sees")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other img2dataset.download argument (repeatable)")
@@ -135,34 +137,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("sources", help="url lists from CC3M/CC12M/RedCaps/YFCC14M/tables (Ray Data)")
     p.add_argument("--source", action="append", required=True, metavar="KIND:PATHS",
                    help="cc3m|cc12m|redcaps|yfcc14m|table and comma-separated files/globs (repeatable)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rows-per-part", type=int, default=1_000_000)
-    p.add_argument("--url-column", default="url")
-    p.add_argument("--caption-column", default="caption")
-    p.add_argument("--yfcc-metadata", action="append", default=[])
+    p.add_argument("--out", required=True, help="the url list folder (parquet parts and sources_report.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it holds files an earlier url list did not write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
+    p.add_argument("--rows-per-part", type=int, default=1_000_000, help="rows per parquet part")
+    p.add_argument("--url-column", default="url", help="url column of 'table' sources")
+    p.add_argument("--caption-column", default="caption", help="caption column of 'table' sources")
+    p.add_argument("--yfcc-metadata", action="append", default=[], metavar="PATH",
+                   help="YFCC100M metadata file(s) for a yfcc14m source's ids (repeatable)")
     add_ray_options(p)
     p.set_defaults(func=cmd_sources)
     p = dsub.add_parser("download", help="url list → webdataset shards with img2dataset, plus a manifest")
-    p.add_argument("url_list")
-    p.add_argument("out")
+    p.add_argument("url_list", help="a url list folder (from `pgseg data sources`) or a parquet/csv/tsv file")
+    p.add_argument("out", help="the shard folder (a run into the same folder resumes: finished shards are kept)")
     p.add_argument("--track", metavar="MLFLOW_URI", default=None,
                    help="log the manifest to MLflow (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)")
     _download_options(p)
     p.set_defaults(func=cmd_download)
     p = dsub.add_parser("shapes", help="generate the shapes world, serve it on 127.0.0.1, download it into shards")
-    p.add_argument("out")
-    p.add_argument("--train", type=int, default=20000)
-    p.add_argument("--val", type=int, default=200)
-    p.add_argument("--classes", type=int, default=6)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--serve", choices=["http", "file"], default="http")
+    p.add_argument("out", help="the world's folder: www/ (images), val/ (VOC layout), urls/, shards/")
+    p.add_argument("--train", type=int, default=20000, help="training image-caption pairs")
+    p.add_argument("--val", type=int, default=200, help="validation images with masks")
+    p.add_argument("--classes", type=int, default=6, help="shape classes")
+    p.add_argument("--size", type=int, default=64, help="image side (pixels)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world")
+    p.add_argument("--serve", choices=["http", "file"], default="http",
+                   help="download over a loopback HTTP server or from file:// urls")
     _download_options(p, image_size=64)
     p.set_defaults(func=cmd_shapes)
     p = dsub.add_parser("inspect", help="show a manifest (folder or manifest.json) or a shard's samples (.tar)")
-    p.add_argument("path")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("path", help="a shard folder, its manifest.json, or one .tar shard")
+    p.add_argument("--limit", type=int, default=10, help="samples or shards shown")
     p.set_defaults(func=cmd_inspect)
 
 

@@ -23,8 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bg-thresh", type=float, default=None, help="override every dataset's background threshold")
     p.add_argument("--true-labels", action="store_true", help="True Label Guidance (Table 2)")
     p.add_argument("--window", type=int, default=None, help="default: the model config's eval.window")
-    p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--short-side", type=int, default=None)
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: the model config's eval.stride)")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="images resized to this short side (default: the model config's eval.short_side)")
     p.add_argument("--resize", choices=RESIZE_RULES, default=None,
                    help="image resize: uint8 = the release's (OpenCV bilinear on 8-bit pixels, the default), "
                         "float = torch bilinear on the normalised image")
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlays", type=int, default=8, help="images drawn into the MLflow overlay grid")
     p.add_argument("--track", default=None, metavar="URI",
                    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--no-track", action="store_true")
+    p.add_argument("--no-track", action="store_true", help="log nothing to MLflow")
     p.add_argument("--run-id", default=None, help="log into this MLflow run (e.g. the training run)")
     add_ray_options(p)
 

@@ -8,6 +8,18 @@ import sys
 USER_ERROR = 2  # the exit code of every bad input: a message, never a traceback
 
 
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help texts with each option's default when it has a value (not for flags and unset options); descriptions
+    keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and "default:" not in text and (action.option_strings or action.nargs in ("?", "*")):
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="a Ray cluster to run on (default: $RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
@@ -29,8 +41,7 @@ def user_error(message: object) -> int:
 
 def entrypoint(prog: str, description: str | None, add_arguments, run, argv: list[str] | None = None) -> int:
     """``python -m jobs.X``: parse the job's arguments and run it (the ``pgseg X`` subcommand's twin)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     loopback_unless_named(args)

@@ -355,7 +355,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     config = read_model_config(path)
     model = PGSeg.from_config(config)
     tensors = read_checkpoint_file(path)
-    result = model.load_state_dict(tensors, strict=False)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor's shape differs from the one its stored config builds
+        shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"{path}: its tensors do not match its own stored config: "
+                              f"{'; '.join(shapes[:3]) or exc}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: does not match its own config: missing {result.missing_keys[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .segment import IMAGE_SUFFIXES, class_embeddings, clean_class_names, read_image, to_tensor
+from .limits import IMAGE_SUFFIXES
+from .segment import class_embeddings, clean_class_names, read_image, to_tensor
 from .text import IMAGENET_TEMPLATES
 
 

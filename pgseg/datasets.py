@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from .segment import IMAGE_SUFFIXES
+from .limits import IMAGE_SUFFIXES
 
 IGNORE = 255
 

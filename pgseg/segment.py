@@ -13,6 +13,8 @@ label as the released code computes it (checked against ``released_fixture/segme
 from __future__ import annotations
 
 import io
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,9 +26,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .config.schema import RESIZE_RULES
+from .limits import MAX_BYTES, MAX_PIXELS, WORK_PIXELS
 from .text import SEGMENTATION_TEMPLATES, fill_templates, tokenize
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # what folders are searched for
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -50,6 +52,8 @@ class ProtocolSettings:
         return cls(bg_thresh=bg_thresh, **values)
 
     def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 pixel, got {self.window}")
         if not 0 < self.stride <= self.window:
             raise ValueError(f"stride must be in (0, window={self.window}], got {self.stride}")
         if self.short_side < 1 or self.max_long_side < self.short_side:
@@ -86,16 +90,33 @@ def class_embeddings(model: torch.nn.Module, names: Sequence[str], templates: Se
 
 
 # ------------------------------------------------------------------------------------------------ images
-def read_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+def read_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIXELS,
+               max_bytes: int = MAX_BYTES) -> Image.Image:
     """Any image file as 8-bit RGB: EXIF orientation applied; grayscale, palette, RGBA (on white) and 16-bit
-    images converted. Raises ValueError naming the file when it cannot be read."""
+    images converted. Raises ValueError naming the file when it cannot be read, or when it is larger than
+    ``max_bytes`` or ``max_pixels`` (checked before decoding; Pillow refuses above 2×89 Mpx in any case)."""
     name = "<image>" if isinstance(source, (bytes, Image.Image)) else str(source)
     try:
-        image = source if isinstance(source, Image.Image) else Image.open(
-            io.BytesIO(source) if isinstance(source, bytes) else source)
+        size = len(source) if isinstance(source, bytes) else None if isinstance(source, Image.Image) else \
+            os.path.getsize(source)
+        if size is not None and size > max_bytes:
+            raise ValueError(f"{name}: {size / 2**20:.1f} MiB is over the limit of {max_bytes / 2**20:.1f} MiB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            image = source if isinstance(source, Image.Image) else Image.open(
+                io.BytesIO(source) if isinstance(source, bytes) else source)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(f"{name}: {width}×{height} ({width * height / 1e6:.0f} Mpx) is over the limit of "
+                             f"{max_pixels / 1e6:g} Mpx")
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        raise ValueError(f"{name}: over the limit of {limit / 1e6:g} Mpx ({exc})") from None
+    except (OSError, SyntaxError) as exc:
         raise ValueError(f"{name}: not a readable image ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(str(exc) if str(exc).startswith(name) else f"{name}: not a readable image ({exc})") from None
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit grey: rescale to 8 bits
         arr = np.asarray(image, dtype=np.float64)
@@ -233,9 +254,35 @@ class Segmentation:
 
     def areas(self) -> dict[str, float]:
         """Fraction of the image each label covers (labels that do not occur are left out)."""
-        counts = torch.bincount(self.labels.flatten(), minlength=len(self.names)).double()
-        fractions = counts / counts.sum()
-        return {n: float(f) for n, f in zip(self.names, fractions) if f > 0}
+        return label_areas(self.labels, self.names)
+
+
+def label_areas(labels: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
+    """Fraction of ``labels`` (any integer map) each name covers; names that do not occur are left out."""
+    counts = torch.zeros(len(names), dtype=torch.float64)
+    for rows in labels.split(1024):  # in row blocks: a large map is not copied whole to int64
+        counts += torch.bincount(rows.flatten().long(), minlength=len(names)).double()
+    fractions = counts / counts.sum()
+    return {n: float(f) for n, f in zip(names, fractions) if f > 0}
+
+
+def downscale(image: Image.Image, max_pixels: int = WORK_PIXELS) -> Image.Image:
+    """``image`` itself when it has at most ``max_pixels``, else a box-filtered copy with that many (aspect kept):
+    the protocol's own resize goes to a short side of 448 anyway, and the full-size scores would not fit."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = (max_pixels / (width * height)) ** 0.5
+    return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.BOX)
+
+
+def upscale_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A label map [h, w] → [H, W] by nearest neighbour (int16 or int32, so a large image stays small)."""
+    h, w = labels.shape
+    rows = (torch.arange(size[0]) * h // size[0]).clamp_(max=h - 1)
+    cols = (torch.arange(size[1]) * w // size[1]).clamp_(max=w - 1)
+    small = labels.to(torch.int16 if int(labels.max()) < 2**15 else torch.int32)
+    return small[rows[:, None], cols[None, :]]
 
 
 class Segmenter:

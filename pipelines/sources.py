@@ -19,6 +19,7 @@ import hashlib
 import html
 import io
 import json
+import json
 import logging
 import os
 import re
@@ -267,11 +268,38 @@ class SourcesReport:
         return "\n".join(lines)
 
 
+REPORT_FILE = "sources_report.json"
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files in ``out`` that an earlier url list there did not write (its report names its parts)."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        return [out.name]
+    owned = {REPORT_FILE}
+    try:
+        owned.update(json.loads((out / REPORT_FILE).read_text()).get("parts", []))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return sorted(p.name for p in out.iterdir() if p.name not in owned)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    foreign = foreign_files(out)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"{out} holds what this command did not write ({shown}): choose a new or empty folder, "
+                         f"or add --overwrite to replace the folder")
+
+
 def build_url_list(specs: list[SourceSpec], out_dir: str | Path, *, seed: int = 0,
-                   rows_per_part: int = 1_000_000) -> SourcesReport:
-    """Read, clean, deduplicate, shuffle and write the url list of ``specs`` to ``out_dir`` (replaced atomically)."""
+                   rows_per_part: int = 1_000_000, overwrite: bool = False) -> SourcesReport:
+    """Read, clean, deduplicate, shuffle and write the url list of ``specs`` to ``out_dir``, replaced atomically
+    when it holds only an earlier url list; anything else there makes it refuse (ValueError) unless ``overwrite``."""
     if not specs:
         raise ValueError("no sources given")
+    _check_out(Path(out_dir), overwrite)
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two sources share the name {sorted({l for l in labels if labels.count(l) > 1})}: set name:")
@@ -304,7 +332,8 @@ def build_url_list(specs: list[SourceSpec], out_dir: str | Path, *, seed: int = 
         parts.append(f"part-{i:05d}.parquet")
     total = {k: sum(c[k] for c in counts.values()) for k in ("read", *RULES, "written")}
     report = SourcesReport(counts, total, str(out), parts)
-    atomic_write_json(staging / "sources_report.json", {"counts": counts, "total": total, "parts": parts, "seed": seed})
+    atomic_write_json(staging / REPORT_FILE, {"counts": counts, "total": total, "parts": parts, "seed": seed})
+    _check_out(out, overwrite)  # (again: something may have landed there meanwhile)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)

@@ -52,9 +52,14 @@ def read_mapping(path: str | Path, kind: str) -> dict[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        hint = " (a model file: `pgseg config` prints the config stored in it)" if path.suffix == ".safetensors" else ""
+        raise ConfigError(f"config {path}: not a YAML text file{hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot be read ({exc.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
