@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
+from pathlib import Path
 
 from pgseg.config.schema import RESIZE_RULES
 
-from .runtime import add_ray_options
+from .runtime import add_ray_options, user_error
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "float = torch bilinear on the normalised image")
     p.add_argument("--actors", type=int, default=1, help="model replicas (Ray Data actors)")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    p.add_argument("--overlays", type=int, default=8, help="images drawn into the MLflow overlay grid")
+    p.add_argument("--overlays", type=int, default=8,
+                   help="images drawn (image | ground truth | prediction) per dataset, into MLflow and --out")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write each dataset's table (.md), figures (.json) and overlays (DIR/<dataset>/) here")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--track", default=None, metavar="URI",
                    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--no-track", action="store_true", help="log nothing to MLflow")
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.classification and not args.class_names:
         print("error: --classification needs --class-names FILE", file=sys.stderr)
         return 2
+    if args.overlays < 0 or args.actors < 1:
+        return user_error("--overlays must be >= 0 and --actors >= 1")
     try:
         config = read_model_config(args.checkpoint)
         e = config.eval
@@ -65,10 +72,19 @@ def run(args: argparse.Namespace) -> int:
                                                                      else dataset.bg_thresh)
             plans.append((dataset, ProtocolSettings.of(e, bg, window=args.window, stride=args.stride,
                                                        short_side=args.short_side, resize=args.resize)))
+        if args.out:
+            from pipelines.evaluate import result_paths
+
+            from .segment import check_out
+
+            check_out(Path(args.out))
+            there = [str(p) for d, _ in plans for p in result_paths(args.out, d.name) if p.exists()]
+            if there and not args.overwrite:
+                raise ValueError(f"--out {args.out} already holds {', '.join(there)}: add --overwrite to replace")
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from pipelines.evaluate import evaluate, evaluate_classification, log_classification, log_to_mlflow
+    from pipelines.evaluate import EvalResult, evaluate, evaluate_classification, log_classification, log_to_mlflow
     from pipelines.tracking import resolve_uri
 
     from pipelines.runtime import quiet_logs, start_ray
@@ -90,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(result.table_text())
+        if isinstance(result, EvalResult):  # a segmentation set
+            if result.hint():
+                print(f"hint: {result.hint()}", file=sys.stderr)
+            if args.out:
+                print(f"table, figures and overlays in {result.write(args.out)}")
         if not args.no_track:
             run_id = log_result(result, resolve_uri(args.track), run_id=run_id)
             print(f"logged to MLflow run {run_id}")

@@ -37,9 +37,9 @@ MIN_SIDE = 192  # overlays of smaller images are enlarged (nearest neighbour) to
 
 
 def overlay(image: Image.Image, labels: torch.Tensor | np.ndarray, names: Sequence[str], alpha: float = 0.5,
-            legend: bool = True) -> Image.Image:
+            legend: bool = True, legend_also: np.ndarray | None = None) -> Image.Image:
     """The image with its label colours blended in (background, label 0 when named so, left clear) and a legend of
-    the labels present."""
+    the labels present (and of those in ``legend_also``, e.g. the ground truth drawn beside it)."""
     arr = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     factor = -(-MIN_SIDE // min(arr.shape)) if min(arr.shape) < MIN_SIDE else 1
     if factor > 1:  # small images (the shapes world's 64 px) drawn large enough to see
@@ -53,7 +53,8 @@ def overlay(image: Image.Image, labels: torch.Tensor | np.ndarray, names: Sequen
     out = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
     if not legend:
         return out
-    present = [int(i) for i in np.unique(arr) if i < len(names) and not (i == 0 and names[0] == "background")]
+    shown = np.unique(arr) if legend_also is None else np.union1d(arr, np.asarray(legend_also))
+    present = [int(i) for i in shown if i < len(names) and not (i == 0 and names[0] == "background")]
     font = ImageFont.load_default()
     row = 14
     panel = Image.new("RGB", (out.width + 150, max(out.height, row * len(present) + 8)), (255, 255, 255))
@@ -65,6 +66,21 @@ def overlay(image: Image.Image, labels: torch.Tensor | np.ndarray, names: Sequen
         draw.rectangle([out.width + 6, y, out.width + 18, y + 10], fill=colour, outline=(0, 0, 0))
         draw.text((out.width + 24, y - 1), names[label][:20], fill=(0, 0, 0), font=font)
     return panel
+
+
+def comparison(image: Image.Image, target: np.ndarray, labels: torch.Tensor | np.ndarray,
+               names: Sequence[str]) -> Image.Image:
+    """image | ground truth | prediction side by side, one legend for both (ignored pixels, 255, in VOC's border
+    colour)."""
+    target = np.asarray(target)
+    panels = [overlay(image, target, names, alpha=0.0, legend=False), overlay(image, target, names, legend=False),
+              overlay(image, labels, names, legend_also=target)]
+    out = Image.new("RGB", (sum(p.width for p in panels) + 8, max(p.height for p in panels)), (255, 255, 255))
+    x = 0
+    for panel in panels:
+        out.paste(panel, (x, 0))
+        x += panel.width + 4
+    return out
 
 
 def grid(images: Sequence[Image.Image], columns: int = 4, cell: int = 256) -> Image.Image:

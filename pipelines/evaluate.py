@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ def _segmenter(model: Any, class_names: list[str], settings: ProtocolSettings):
 
 
 def score_sample(segmenter: Any, image_path: str, mask_path: str, num_classes: int, reader: str,
-                 true_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-    """One sample through the protocol: (confusion codes, their counts, predicted labels, the image). Codes are
-    ``target * num_classes + prediction`` over the pixels that are not 255."""
+                 true_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
+    """One sample through the protocol: (confusion codes, their counts, predicted labels, the image, the ground
+    truth). Codes are ``target * num_classes + prediction`` over the pixels that are not 255."""
     from pgseg.datasets import read_mask
     from pgseg.segment import read_image
 
@@ -44,7 +45,7 @@ def score_sample(segmenter: Any, image_path: str, mask_path: str, num_classes: i
     labels = segmenter(image, candidates).labels.numpy()
     valid = target != 255
     codes, counts = np.unique(target[valid].astype(np.int64) * num_classes + labels[valid], return_counts=True)
-    return codes, counts, labels, image
+    return codes, counts, labels, image, target
 
 
 class SegmentActor:
@@ -60,15 +61,15 @@ class SegmentActor:
         self.overlay_ids = set(overlay_ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pgseg.visualize import overlay
+        from pgseg.visualize import comparison
 
         pairs, counts, pictures, errors = [], [], [], []
         for sid, image_path, mask_path in zip(batch["id"], batch["image"], batch["mask"]):
             try:  # bad inputs travel back as text: the driver reports them all, in our words, not Ray's
-                codes, n, labels, image = score_sample(self.segmenter, image_path, mask_path, self.n, self.reader,
-                                                       self.true_labels)
+                codes, n, labels, image, target = score_sample(self.segmenter, image_path, mask_path, self.n,
+                                                               self.reader, self.true_labels)
             except (ValueError, OSError) as exc:
-                codes, n, labels, image = np.zeros(0, np.int64), np.zeros(0, np.int64), None, None
+                codes, n, labels, image, target = np.zeros(0, np.int64), np.zeros(0, np.int64), None, None, None
                 errors.append(str(exc))
             else:
                 errors.append("")
@@ -76,7 +77,7 @@ class SegmentActor:
             counts.append(n.astype(np.int64).tobytes())
             if sid in self.overlay_ids and labels is not None:
                 buf = io.BytesIO()
-                overlay(image, labels, self.segmenter.names).save(buf, format="PNG")
+                comparison(image, target, labels, self.segmenter.names).save(buf, format="PNG")
                 pictures.append(buf.getvalue())
             else:
                 pictures.append(b"")
@@ -99,7 +100,7 @@ def evaluate_in_process(model: Any, dataset: SegmentationDataset, settings: Prot
     matrix = ConfusionMatrix(len(dataset.class_names), class_names=dataset.class_names)
     flat = matrix.matrix.view(-1)
     for sample in dataset:
-        codes, counts, _, _ = score_sample(segmenter, str(sample.image), str(sample.mask), len(dataset.class_names),
+        codes, counts, *_ = score_sample(segmenter, str(sample.image), str(sample.mask), len(dataset.class_names),
                                            dataset.reader, true_labels)
         flat.index_add_(0, torch.as_tensor(codes), torch.as_tensor(counts))
     return matrix.scores(), _all_background_miou(matrix, settings)
@@ -111,8 +112,33 @@ class EvalResult:
     scores: SegmentationScores
     settings: ProtocolSettings
     images: int
-    overlays: list[bytes] = field(default_factory=list)
+    overlays: list[bytes] = field(default_factory=list)  # image | ground truth | prediction, PNG
     baseline_miou: float = float("nan")  # predicting background (label 0) everywhere, on the same pixels
+    overlay_ids: list[str] = field(default_factory=list)  # the samples drawn in ``overlays``
+    background_only: bool = False  # the model predicted background on every pixel
+
+    def hint(self) -> str | None:
+        """What to tell a user whose model predicts nothing but background."""
+        if not self.background_only:
+            return None
+        return (f"{self.dataset}: every pixel was predicted background: the model may be untrained (random weights) "
+                f"or the threshold ({self.settings.bg_thresh}) too high for it; try a lower --bg-thresh")
+
+    def figures(self) -> dict[str, Any]:
+        return {"miou": self.scores.miou, "macc": self.scores.macc, "aacc": self.scores.aacc, "images": self.images,
+                "all_background_miou": self.baseline_miou, "table": self.scores.table(),
+                "settings": asdict(self.settings)}
+
+    def write(self, folder: str | Path) -> Path:
+        """The table (Markdown), the figures (JSON) and the overlays (PNG) into ``folder/<dataset>…``."""
+        from pgseg.fileio import atomic_write_bytes, atomic_write_json
+
+        table, figures, pictures = result_paths(folder, self.dataset)
+        atomic_write_bytes(table, (self.table_text() + "\n").encode())
+        atomic_write_json(figures, self.figures())
+        for sid, picture in zip(self.overlay_ids, self.overlays):
+            atomic_write_bytes(pictures / f"{str(sid).replace('/', '_')}.png", picture)
+        return Path(folder)
 
     def table_text(self) -> str:
         lines = [f"{self.dataset}: mIoU {100 * self.scores.miou:.2f}  mAcc {100 * self.scores.macc:.2f}  "
@@ -124,10 +150,17 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def result_paths(folder: str | Path, dataset: str) -> tuple[Path, Path, Path]:
+    """Where :meth:`EvalResult.write` puts a dataset's table, figures and overlay folder."""
+    folder = Path(folder)
+    return folder / f"{dataset}.md", folder / f"{dataset}.json", folder / dataset
+
+
 def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSettings, *, actors: int = 1,
              use_gpu: bool = False, cpus_per_actor: float = 1.0, true_labels: bool = False,
-             overlays: int = 8) -> EvalResult:
-    """Evaluate one model file on one dataset on the attached Ray cluster."""
+             overlays: int = 8, progress: bool | None = None) -> EvalResult:
+    """Evaluate one model file on one dataset on the attached Ray cluster; ``progress``: a progress bar on stderr
+    (None: when it is a terminal)."""
     import ray
 
     rows = [{"id": s.id, "image": str(s.image), "mask": str(s.mask)} for s in dataset]
@@ -145,20 +178,27 @@ def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSe
     images = 0
     import torch
 
-    batches = list(ds.iter_batches(batch_size=16, batch_format="numpy"))
-    errors = sorted(str(e) for b in batches for e in b["error"] if e)
+    from tqdm import tqdm
+
+    errors: list[str] = []
+    with tqdm(total=len(rows), desc=dataset.name, unit="image", disable=None if progress is None else not progress, file=sys.stderr) as bar:
+        for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+            errors += [str(e) for e in batch["error"] if e]
+            for sid, pairs, counts, picture in zip(batch["id"], batch["pairs"], batch["counts"], batch["overlay"]):
+                flat.index_add_(0, torch.from_numpy(np.frombuffer(pairs, np.int64).copy()),
+                                torch.from_numpy(np.frombuffer(counts, np.int64).copy()))
+                images += 1
+                if picture:
+                    pictures[str(sid)] = picture
+            bar.update(len(batch["id"]))
     if errors:  # nothing is logged from a dataset with unreadable images or masks
+        errors.sort()
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ValueError(f"{dataset.name}: {len(errors)} bad sample(s): " + "; ".join(errors[:5]) + more)
-    for batch in batches:
-        for sid, pairs, counts, picture in zip(batch["id"], batch["pairs"], batch["counts"], batch["overlay"]):
-            flat.index_add_(0, torch.from_numpy(np.frombuffer(pairs, np.int64).copy()),
-                            torch.from_numpy(np.frombuffer(counts, np.int64).copy()))
-            images += 1
-            if picture:
-                pictures[str(sid)] = picture
-    return EvalResult(dataset.name, matrix.scores(), settings, images,
-                      [pictures[i] for i in overlay_ids if i in pictures], _all_background_miou(matrix, settings))
+    drawn = [i for i in overlay_ids if i in pictures]
+    background_only = settings.bg_thresh is not None and int(matrix.matrix[:, 1:].sum()) == 0
+    return EvalResult(dataset.name, matrix.scores(), settings, images, [pictures[i] for i in drawn],
+                      _all_background_miou(matrix, settings), drawn, background_only)
 
 
 def log_to_mlflow(result: EvalResult, uri: str, *, run_id: str | None = None, experiment: str = "pgseg-eval",

@@ -41,7 +41,7 @@ def start_ray(address: str | None = None, *, num_cpus: float | None = None, verb
         return "cluster" if named else "embedded"
     options = {"logging_level": logging.INFO if verbose else logging.WARNING, **init_kwargs}
     if not verbose:  # Ray Data's INFO lines and Ray's deprecation notes from its processes (read when they start)
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     if named:
         ray.init(address=named, **options)
@@ -100,3 +100,5 @@ def quiet_logs(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # (it warns that the progress bars are off: we show our own)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)

@@ -19,7 +19,6 @@ import hashlib
 import html
 import io
 import json
-import json
 import logging
 import os
 import re

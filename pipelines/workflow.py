@@ -345,13 +345,12 @@ def _stage_evaluate(ctx: Context) -> StageRecord:
                           true_labels=section.true_labels,
                           overlays=section.overlays)
         ctx.printer(result.table_text())
-        for i, picture in enumerate(result.overlays):
-            (out / f"{dataset.name}_overlay_{i}.png").write_bytes(picture)
+        if result.hint():
+            ctx.printer(f"hint: {result.hint()}")
+        result.write(out)  # table, figures and overlays (image | ground truth | prediction)
         if ctx.uri and train.run_id:
             log_to_mlflow(result, ctx.uri, run_id=train.run_id)
-        results[dataset.name] = {"miou": result.scores.miou, "macc": result.scores.macc, "aacc": result.scores.aacc,
-                                 "all_background_miou": result.baseline_miou, "images": result.images,
-                                 "table": result.scores.table(), "settings": asdict(settings), "model": model}
+        results[dataset.name] = {**result.figures(), "model": model}
         metrics[f"eval/{dataset.name}/mIoU"] = result.scores.miou
         metrics[f"eval/{dataset.name}/all_background_mIoU"] = result.baseline_miou
     atomic_write_json(out / "results.json", results)
