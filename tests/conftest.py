@@ -27,10 +27,14 @@ def _shared(path: Path, what: str) -> Path:
     return path
 
 
+REFERENCE_FACTS = REPO / "tests" / "fixtures" / "reference"  # the small facts of shared/reference, in the repository
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """``shared/reference``: the released checkpoint's key list."""
-    return _shared(REFERENCE / "official_pgseg_state_dict_keys.tsv", "the released key list").parent
+    """The released checkpoint's key list (``official_pgseg_state_dict_keys.tsv``) and the small released fixture's
+    architecture, key list and prompts (``fixture_*``), copied from shared/reference into the repository."""
+    return REFERENCE_FACTS
 
 
 @pytest.fixture(scope="session")

@@ -173,10 +173,12 @@ def test_pgseg_convert_command(tmp_path, fixture_dir):
     assert proc.returncode == 2 and "nothing was written" in proc.stderr and not bad_out.exists()
 
 
-def _from_released_key_list(reference_dir, skip_pgseg_only: bool = False) -> dict:
-    """Random tensors with exactly the names, shapes and dtypes of the released checkpoint (SPEC §7 key list)."""
+def _from_released_key_list(reference_dir, skip_pgseg_only: bool = False,
+                            name: str = "official_pgseg_state_dict_keys.tsv") -> dict:
+    """Random tensors with exactly the names, shapes and dtypes of a released key list (default: the released
+    checkpoint's, SPEC §7)."""
     state = {}
-    for line in (reference_dir / "official_pgseg_state_dict_keys.tsv").read_text().splitlines():
+    for line in (reference_dir / name).read_text().splitlines():
         name, shape, dtype = line.split("\t")
         if skip_pgseg_only and ("downsample_spatial" in name or "mapping_text" in name
                                 or name in ("img_encoder.logit_scale", "text_encoder.Atten.mu")):
@@ -227,3 +229,26 @@ def test_both_groupvit_release_layouts_initialise_a_pgseg_model(tmp_path, layout
     config_line = next(e for e in report.ignored if e.startswith("config"))
     assert "not executed" in config_line and "OmegaLike" in config_line and "config (" in text
     torch.testing.assert_close(model.img_encoder.pos_embed, state["img_encoder.pos_embed"])
+
+
+def test_the_small_released_architecture_builds_the_fixture_key_list(reference_dir, tmp_path):
+    """Without the released tensors: the fixture's plain-data build config (architecture.json) gives a model into
+    which a file of the fixture's key list (names, shapes, dtypes) converts entry for entry (less the release's
+    unused mapping_text), with the release's parameter count less mapping_text."""
+    import json
+
+    from jobs.convert import overrides_from_build_config
+
+    arch = json.loads((reference_dir / "fixture_architecture.json").read_text())
+    sets = overrides_from_build_config({"config": {"model": arch["build_config"]}})
+    assert "model.image.embed_dim=96" in sets
+    model = PGSeg.from_config(load_config("pgseg_vit_s", [*sets, "npr.mode=official"]))
+    state = _from_released_key_list(reference_dir, name="fixture_state_dict_keys.tsv")
+    assert len(state) == arch["num_state_dict_entries"]
+    torch.save({"model": state}, tmp_path / "small.pth")
+    report = load_released(model, tmp_path / "small.pth", "pgseg-official")
+    assert report.ok and not report.missing and not report.unexpected and not report.mismatched
+    assert len(report.loaded) == 212 and len(report.dropped) == 9  # (as the released tensors themselves convert)
+    mapping_text = sum(v.numel() for k, v in state.items() if k.startswith("img_encoder.mapping_text.")
+                       and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert sum(p.numel() for p in model.parameters()) + mapping_text == arch["num_parameters"]
