@@ -104,12 +104,12 @@ def run(args: argparse.Namespace) -> int:
         if done and not (args.overwrite or args.resume):
             raise ValueError(f"{len(done)} of {len(plan)} image(s) already have results in {out} (e.g. "
                              f"{done[0][1].name}*): add --overwrite to replace them or --resume to keep them")
-        check_out(out)
         model, config = load_model(args.checkpoint, resolve_device(args.device))
         e = config.eval
         bg = None if args.no_background else (args.bg_thresh if args.bg_thresh is not None else
                                               e.bg_thresh if e.bg_thresh is not None else 0.95)
         settings = ProtocolSettings.of(e, bg)
+        check_out(out)  # last: a bad option leaves no folder behind
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return user_error(exc)
     if args.resume:

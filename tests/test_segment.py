@@ -226,7 +226,7 @@ def test_pgseg_segment_writes_masks_overlays_and_areas_and_skips_unreadable_file
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "broken.png" in err
-    for stem, size in (("small", (40, 30)), ("g16", (70, 50)), ("rgba", (90, 64))):
+    for stem, size in (("small", (40, 30)), ("sub/g16", (70, 50)), ("rgba", (90, 64))):
         mask = Image.open(tmp_path / "out" / f"{stem}_mask.png")
         assert mask.mode == "P" and mask.size == size
         assert np.asarray(mask).max() <= 3
