@@ -26,8 +26,10 @@ def cmd_sources(args: argparse.Namespace) -> int:
     from pipelines.sources import build_url_list
 
     from pipelines.runtime import start_ray
+    from pipelines.sources import check_url_list_out
 
     specs = [_source_spec(s, args) for s in args.source]
+    check_url_list_out(Path(args.out), args.overwrite)  # before Ray starts
     start_ray(args.address, verbose=args.verbose)
     report = build_url_list(specs, args.out, seed=args.seed, rows_per_part=args.rows_per_part,
                             overwrite=args.overwrite)

@@ -284,7 +284,8 @@ def foreign_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name not in owned)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_url_list_out(out: Path, overwrite: bool) -> None:
+    """Refuse (ValueError) an output folder holding what no earlier url list wrote, unless ``overwrite``."""
     foreign = foreign_files(out)
     if foreign and not overwrite:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -298,7 +299,7 @@ def build_url_list(specs: list[SourceSpec], out_dir: str | Path, *, seed: int = 
     when it holds only an earlier url list; anything else there makes it refuse (ValueError) unless ``overwrite``."""
     if not specs:
         raise ValueError("no sources given")
-    _check_out(Path(out_dir), overwrite)
+    check_url_list_out(Path(out_dir), overwrite)
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two sources share the name {sorted({l for l in labels if labels.count(l) > 1})}: set name:")
@@ -332,7 +333,7 @@ def build_url_list(specs: list[SourceSpec], out_dir: str | Path, *, seed: int = 
     total = {k: sum(c[k] for c in counts.values()) for k in ("read", *RULES, "written")}
     report = SourcesReport(counts, total, str(out), parts)
     atomic_write_json(staging / REPORT_FILE, {"counts": counts, "total": total, "parts": parts, "seed": seed})
-    _check_out(out, overwrite)  # (again: something may have landed there meanwhile)
+    check_url_list_out(out, overwrite)  # (again: something may have landed there meanwhile)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)

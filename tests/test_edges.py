@@ -217,3 +217,12 @@ def test_protocol_window_must_be_positive():
 
     with pytest.raises(ValueError, match="window must be >= 1"):
         ProtocolSettings(window=0, stride=0)
+
+
+def test_data_sources_refuses_a_folder_holding_the_users_files(tmp_path, capsys):
+    (tmp_path / "cc3m.tsv").write_text("a dog\thttp://h/1.jpg\n")
+    out = tmp_path / "urls"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    assert main(["data", "sources", "--source", f"cc3m:{tmp_path / 'cc3m.tsv'}", "--out", str(out)]) == 2
+    assert "thesis.tex" in capsys.readouterr().err and (out / "thesis.tex").read_text() == "mine"

@@ -8,19 +8,30 @@ import numpy as np
 import pytest
 
 
-def test_eval_prints_the_table_it_logs_to_mlflow(ray_local, trained_tiny, shapes_data, mlflow_server, capsys):
+def test_eval_prints_the_table_it_logs_to_mlflow(ray_local, trained_tiny, shapes_data, mlflow_server, capsys,
+                                                 tmp_path):
     from mlflow.tracking import MlflowClient
+    from PIL import Image
 
     from jobs.evaluate import main
 
-    rc = main(["--checkpoint", str(trained_tiny), "--dataset", f"voc:{shapes_data['val']}", "--track", mlflow_server,
-               "--overlays", "4"])
-    assert rc == 0
+    args = ["--checkpoint", str(trained_tiny), "--dataset", f"voc:{shapes_data['val']}", "--track", mlflow_server,
+            "--overlays", "4", "--out", str(tmp_path / "eval")]
+    assert main(args) == 0
     out = capsys.readouterr().out
+    name = shapes_data["val"].name
+    # --out: the same table, the figures, and image | ground truth | prediction for the first 4 images
+    assert (tmp_path / "eval" / f"{name}.md").read_text().strip() in out
+    figures = __import__("json").loads((tmp_path / "eval" / f"{name}.json").read_text())
+    drawn = sorted((tmp_path / "eval" / name).glob("*.png"))
+    assert len(drawn) == 4 and figures["images"] == 8
+    image_width = Image.open(next((shapes_data["val"] / "JPEGImages").glob("*.jpg"))).width
+    assert Image.open(drawn[0]).width >= 3 * max(image_width, 192)  # three panels (small images drawn at 192 px)
+    assert main(args) == 2  # the results are there: not replaced without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
     miou = float(re.search(r"mIoU ([0-9.]+)", out).group(1))
     run_id = re.search(r"logged to MLflow run (\w+)", out).group(1)
     client = MlflowClient(mlflow_server)
-    name = shapes_data["val"].name
     logged = client.get_run(run_id).data.metrics[f"eval/{name}/mIoU"]
     assert round(100 * logged, 2) == miou
     printed = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\w+)\s+([0-9.]+|nan)\s+[0-9.na]+$", out, re.M)}

@@ -40,3 +40,55 @@ def test_pgseg_command_help():
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
     assert proc.returncode == 0 and all(c in proc.stdout for c in ("convert", "run", "quickstart", "eval", "segment"))
+
+
+JOB_COMMANDS = {"jobs.train": "train", "jobs.run": "run", "jobs.sweep": "sweep", "jobs.data": "data",
+                "jobs.evaluate": "eval", "jobs.segment": "segment", "jobs.convert": "convert"}
+
+
+def _readme_commands() -> list[tuple[list[str], str]]:
+    """Every command line of the README's shell blocks (continuations joined): (words, its trailing comment)."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                lines.append((words, line.rpartition(" # ")[2] if " # " in line else ""))
+    return lines
+
+
+def test_every_readme_command_names_options_and_files_that_exist(capsys):
+    from jobs.cli import build_parser, main
+
+    parser, checked = build_parser(), 0
+    for words, comment in _readme_commands():
+        args = None
+        if words[0] == ".venv/bin/pgseg":
+            args = words[1:]
+        elif "-m" in words and words[words.index("-m") + 1] in JOB_COMMANDS:
+            i = words.index("-m")
+            args = [JOB_COMMANDS[words[i + 1]], *words[i + 2:]]
+        elif "-m" in words and words[words.index("-m") + 1].startswith("benchmarks."):
+            module = words[words.index("-m") + 1]
+            assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
+            checked += 1
+            continue
+        if args is None:
+            continue
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            raise AssertionError(f"README: {' '.join(words)}: {capsys.readouterr().err}") from None
+        for word in args:
+            if word.startswith("configs/"):
+                assert (REPO / word).is_file(), f"README: {' '.join(words)}: {word} is not in the repository"
+        if args[0] == "config":  # quick to run: what the README says it prints
+            code = main(args)
+            expected = comment.split("error: ", 1)[1] if "error: " in comment else None
+            err = capsys.readouterr().err
+            assert (code == 2 and expected in err) if expected else code == 0, (args, err)
+        checked += 1
+    assert checked >= 20, checked  # the README's commands were found

@@ -43,6 +43,13 @@ def test_cc3m_cc12m_rules_dedup_and_report(ray_local, tmp_path):
                             SourceSpec("cc12m", [str(tmp_path / "cc12m.tsv")])], out, seed=1)
     assert again.total == report.total and _read(out).equals(rows)
     assert not list(tmp_path.glob(".urls.*"))  # no staging left behind
+    # a file the user put there is neither deleted nor replaced: the command refuses (before reading anything)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes.txt.*--overwrite"):
+        build_url_list([SourceSpec("cc3m", [str(tmp_path / "cc3m.tsv")])], out, seed=1)
+    assert (out / "notes.txt").read_text() == "mine" and _read(out).equals(rows)
+    build_url_list([SourceSpec("cc3m", [str(tmp_path / "cc3m.tsv")])], out, seed=1, overwrite=True)
+    assert not (out / "notes.txt").exists() and len(_read(out)) == 2
 
 
 def test_redcaps_files_and_zip(ray_local, tmp_path):
