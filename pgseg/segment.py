@@ -282,7 +282,7 @@ def upscale_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     rows = (torch.arange(size[0]) * h // size[0]).clamp_(max=h - 1)
     cols = (torch.arange(size[1]) * w // size[1]).clamp_(max=w - 1)
     small = labels.to(torch.int16 if int(labels.max()) < 2**15 else torch.int32)
-    return small[rows[:, None], cols[None, :]]
+    return small.index_select(0, rows).index_select(1, cols)  # (no [H, W] index tensors)
 
 
 class Segmenter:
