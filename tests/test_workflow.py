@@ -58,7 +58,7 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     results = json.loads((root / "eval" / "results.json").read_text())
     assert set(results) == {"val"} and results["val"]["images"] == 6
     assert 0.0 <= results["val"]["miou"] <= 1.0 and 0.0 < results["val"]["all_background_miou"] < 1.0
-    assert len(list((root / "eval").glob("val_overlay_*.png"))) == 2
+    assert len(list((root / "eval" / "val").glob("*.png"))) == 2 and (root / "eval" / "val.md").is_file()
     # the workflow's MLflow run links its stages: the training run (one, continued after the failure) is its child
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("wf-test")
