@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pgseg.checkpoint import CheckpointError, read_model_config
     from pgseg.datasets import open_dataset
-    from pgseg.segment import ProtocolSettings
+    from pgseg.segment import ProtocolSettings, background_threshold
 
     if not args.dataset and not args.classification:
         print("error: give --dataset KIND:ROOT and/or --classification PATH", file=sys.stderr)
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         e = config.eval
         plans = []  # (dataset, its protocol settings)
         for dataset in (open_dataset(spec) for spec in args.dataset):
-            bg = args.bg_thresh if args.bg_thresh is not None else (e.bg_thresh if e.bg_thresh is not None
-                                                                     else dataset.bg_thresh)
+            bg = background_threshold(args.bg_thresh, e, dataset.bg_thresh)
             plans.append((dataset, ProtocolSettings.of(e, bg, window=args.window, stride=args.stride,
                                                        short_side=args.short_side, resize=args.resize)))
         if args.out:

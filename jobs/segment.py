@@ -91,7 +91,7 @@ def check_out(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from pgseg.checkpoint import CheckpointError, load_model
     from pgseg.device import resolve_device
-    from pgseg.segment import ProtocolSettings, Segmenter, clean_class_names
+    from pgseg.segment import ProtocolSettings, Segmenter, background_threshold, clean_class_names
 
     out = Path(args.out)
     try:
@@ -106,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
                              f"{done[0][1].name}*): add --overwrite to replace them or --resume to keep them")
         model, config = load_model(args.checkpoint, resolve_device(args.device))
         e = config.eval
-        bg = None if args.no_background else (args.bg_thresh if args.bg_thresh is not None else
-                                              e.bg_thresh if e.bg_thresh is not None else 0.95)
-        settings = ProtocolSettings.of(e, bg)
+        settings = ProtocolSettings.of(e, None if args.no_background else background_threshold(args.bg_thresh, e))
         check_out(out)  # last: a bad option leaves no folder behind
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return user_error(exc)

@@ -66,6 +66,16 @@ class ProtocolSettings:
             raise ValueError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
 
 
+def background_threshold(chosen: float | None, eval_config, default: float | None = 0.95) -> float | None:
+    """The background threshold in force, the first that is set: ``chosen`` (a flag, an experiment's setting), the
+    model config's ``eval.bg_thresh``, ``default`` (a dataset's own: 0.95 with a background class, None without).
+    An explicit 0.0 is a choice like any other."""
+    for value in (chosen, getattr(eval_config, "bg_thresh", None)):
+        if value is not None:
+            return value
+    return default
+
+
 def clean_class_names(names: Sequence[str] | str) -> list[str]:
     """``"cat, grass, sky"`` or a list → stripped names; empty or repeated names are an error."""
     items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]

@@ -436,13 +436,12 @@ class TrainingEval:
 
     def __init__(self, config: Config, best_path: str | None):
         from pgseg.datasets import open_dataset
-        from pgseg.segment import ProtocolSettings
+        from pgseg.segment import ProtocolSettings, background_threshold
 
         e = config.eval
         self.config, self.best_path = config, best_path
         self.datasets = [open_dataset(spec) for spec in e.datasets]
-        self.settings = [ProtocolSettings.of(e, e.bg_thresh if e.bg_thresh is not None else d.bg_thresh)
-                         for d in self.datasets]
+        self.settings = [ProtocolSettings.of(e, background_threshold(None, e, d.bg_thresh)) for d in self.datasets]
 
     def __call__(self, model: torch.nn.Module, best: float) -> tuple[dict[str, float], float]:
         import copy

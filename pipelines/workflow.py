@@ -319,7 +319,7 @@ def _stage_train(ctx: Context) -> StageRecord:
 
 def _stage_evaluate(ctx: Context) -> StageRecord:
     from pgseg.datasets import open_dataset
-    from pgseg.segment import ProtocolSettings
+    from pgseg.segment import ProtocolSettings, background_threshold
     from pipelines.evaluate import evaluate, log_to_mlflow
 
     section = ctx.experiment.evaluate
@@ -338,9 +338,7 @@ def _stage_evaluate(ctx: Context) -> StageRecord:
     ctx.ray()
     results, metrics = {}, {}
     for dataset in datasets:
-        bg = section.bg_thresh if section.bg_thresh is not None else (
-            e.bg_thresh if e.bg_thresh is not None else dataset.bg_thresh)
-        settings = ProtocolSettings.of(e, bg)
+        settings = ProtocolSettings.of(e, background_threshold(section.bg_thresh, e, dataset.bg_thresh))
         result = evaluate(model, dataset, settings, actors=section.actors, use_gpu=section.use_gpu,
                           true_labels=section.true_labels,
                           overlays=section.overlays)

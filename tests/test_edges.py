@@ -226,3 +226,13 @@ def test_data_sources_refuses_a_folder_holding_the_users_files(tmp_path, capsys)
     (out / "thesis.tex").write_text("mine")
     assert main(["data", "sources", "--source", f"cc3m:{tmp_path / 'cc3m.tsv'}", "--out", str(out)]) == 2
     assert "thesis.tex" in capsys.readouterr().err and (out / "thesis.tex").read_text() == "mine"
+
+
+def test_an_explicit_zero_background_threshold_is_kept(tmp_path):
+    """A model whose config sets eval.bg_thresh: 0 keeps it (an `or` once turned it into 0.95: all background)."""
+    config = load_config("tiny", ["eval.bg_thresh=0.0"])
+    torch.manual_seed(0)
+    model = save_model(PGSeg.from_config(config), config, tmp_path / "zero.safetensors")
+    image = _picture(tmp_path / "in" / "x.png", size=(64, 64), colour=(90, 120, 60))
+    assert _segment(model, image, "--out", tmp_path / "out") == 0
+    assert "background" not in json.loads((tmp_path / "out" / "x.json").read_text())["areas"]

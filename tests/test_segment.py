@@ -238,3 +238,15 @@ def test_pgseg_segment_writes_masks_overlays_and_areas_and_skips_unreadable_file
     assert main(["segment", "--checkpoint", str(tmp_path / "tiny.safetensors"), "--classes", " , ",
                  str(images), "--out", str(tmp_path / "out2")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_the_background_threshold_in_force_is_the_first_one_set():
+    from types import SimpleNamespace
+
+    from pgseg.segment import background_threshold
+
+    config = SimpleNamespace(bg_thresh=0.4)
+    assert background_threshold(0.0, config, 0.95) == 0.0  # an explicit 0 is a choice, not "unset"
+    assert background_threshold(None, config, 0.95) == 0.4
+    assert background_threshold(None, SimpleNamespace(bg_thresh=None), 0.95) == 0.95
+    assert background_threshold(None, SimpleNamespace(bg_thresh=None), None) is None  # a dataset without background
