@@ -231,16 +231,16 @@ def write_voc_val(world: ShapesWorld, out_dir: str | Path, count: int, split: st
 def write_url_list(rows: list[dict[str, str]], base_url: str, out_dir: str | Path) -> Path:
     """The url list of generated training images served at ``base_url`` (http://… or file://…), in the format
     the sources stage writes: parquet with url, caption, source, key."""
-    import hashlib
-
     import pandas as pd
+
+    from pipelines.digest import url_key
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = base_url.rstrip("/")
     urls = [f"{base}/{r['path']}" for r in rows]
     frame = pd.DataFrame({"url": urls, "caption": [r["caption"] for r in rows], "source": "shapes",
-                          "key": [hashlib.sha1(u.encode()).hexdigest()[:16] for u in urls]})
+                          "key": [url_key(u) for u in urls]})
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     atomic_write_bytes(out / "part-00000.parquet", buf.getvalue())

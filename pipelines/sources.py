@@ -15,7 +15,6 @@ with a count per rule. Formats:
 from __future__ import annotations
 
 import glob
-import hashlib
 import html
 import io
 import json
@@ -34,6 +33,7 @@ import pandas as pd
 import ray
 
 from pgseg.fileio import atomic_write_json
+from pipelines.digest import url_key
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def count_by(ds: ray.data.Dataset, by: list[str]) -> pd.DataFrame:
 
 def _add_key(batch: pd.DataFrame) -> pd.DataFrame:
     batch = batch.drop(columns=["drop"])
-    batch["key"] = [hashlib.sha1(u.encode()).hexdigest()[:16] for u in batch["url"]]
+    batch["key"] = [url_key(u) for u in batch["url"]]
     return batch
 
 

@@ -15,7 +15,6 @@ table (one row per trial, mIoU per eval set, the delta against the baseline row)
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -31,6 +30,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pgseg.config import ConfigError, load_config
 from pgseg.config.load import from_dict, read_mapping, to_dict
+from pipelines.digest import value_digest
 
 log = logging.getLogger(__name__)
 
@@ -451,10 +451,6 @@ def _state(spec: SweepSpec, trial_configs: list[dict[str, Any]]) -> dict[str, An
     return {"sweep": {k: raw[k] for k in keep}, "trials": trial_configs}
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def check_metric(spec: SweepSpec, eval_sets: list[str]) -> None:
     parts = spec.metric.split("/")
     if parts[0] != "eval":
@@ -598,13 +594,13 @@ def run_sweep(spec: SweepSpec, *, printer: Callable[[str], None] = print) -> Swe
             before = json.loads(state_file.read_text())["digest"]
         except (OSError, ValueError, KeyError):
             before = None
-        if before != _digest(state):
+        if before != value_digest(state):
             raise ConfigError(f"name: the sweep {spec.name!r} at {root} was started from another sweep file or base "
                               f"config; give this one another name, or remove {root} to start it over")
     else:
         from pgseg.fileio import atomic_write_json
 
-        atomic_write_json(state_file, {"digest": _digest(state), **state})
+        atomic_write_json(state_file, {"digest": value_digest(state), **state})
     uri = resolve_uri(base.tracking.uri) if base.tracking.enabled else None
     parent = _start_parent(spec, uri, base.tracking.experiment, state, resume) if uri else None
     setup = TrialSetup(spec, str(root / RUNS_DIR), uri, parent, os.getcwd())

@@ -11,7 +11,6 @@ child, the evaluation logs into the training run and its mIoU is copied onto the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ import yaml
 from pgseg.config import ConfigError
 from pgseg.config.load import deep_merge, from_dict, parse_override, read_mapping, to_dict
 from pgseg.fileio import atomic_write_bytes, atomic_write_json
+from pipelines.digest import file_digest, tree_digest, value_digest
 from pipelines.download import DownloadSpec
 from pipelines.sources import SourceSpec
 
@@ -168,24 +168,6 @@ def training_config(experiment: Experiment):
 
 
 # ------------------------------------------------------------------------------------------------ manifests
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tree_digest(root: str | Path) -> str:
-    """Names and sizes of every file under ``root`` (cheap on shard folders; contents are pinned by the inputs)."""
-    root = Path(root)
-    return _hash(sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file()))
-
-
 @dataclass
 class StageRecord:
     stage: str
@@ -252,7 +234,7 @@ def _stage_sources(ctx: Context) -> StageRecord:
             outputs["dev"] = str(out / "dev")
         ctx.printer(f"sources: shapes world of {len(world.classes)} classes ({', '.join(world.classes)}): "
                     f"{shapes.train_images} training pairs, {shapes.val_images} val, {shapes.dev_images} dev images")
-        return StageRecord("sources", "", _hash([tree_digest(out / "www"), file_digest(out / "rows.json"),
+        return StageRecord("sources", "", value_digest([tree_digest(out / "www"), file_digest(out / "rows.json"),
                                                  tree_digest(out / "val")]), outputs, 0.0)
     from pipelines.sources import build_url_list
 
@@ -289,7 +271,7 @@ def _stage_download(ctx: Context) -> StageRecord:
         _link_child(ctx, run_id)
     ctx.printer(f"download: {manifest['samples']} of {manifest['attempted']} samples in {manifest['num_shards']} "
                 f"shard(s) at {shards}")
-    digest = _hash([(s["tar"], s["samples"]) for s in manifest["shards"]] + [tree_digest(shards)])
+    digest = value_digest([(s["tar"], s["samples"]) for s in manifest["shards"]] + [tree_digest(shards)])
     return StageRecord("download", "", digest, {"shards": str(shards)}, 0.0, run_id,
                        {"samples": float(manifest["samples"]), "success_rate": float(manifest["success_rate"])})
 
@@ -313,7 +295,7 @@ def _stage_train(ctx: Context) -> StageRecord:
     ctx.printer(f"train: {result.step} steps, model at {result.model_file}"
                 + (f", best (by {config.eval.datasets[0]}) at {best}" if best.is_file() else ""))
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float)) and k.startswith("eval/")}
-    return StageRecord("train", "", _hash([file_digest(p) for p in outputs.values()]), outputs, 0.0, result.run_id,
+    return StageRecord("train", "", value_digest([file_digest(p) for p in outputs.values()]), outputs, 0.0, result.run_id,
                        metrics)
 
 
@@ -447,7 +429,7 @@ def run_workflow(experiment: Experiment, *, redo: list[str] = (), printer: Calla
     upstream: list[str] = []
     ran_before = False
     for stage in experiment.stages:
-        input_hash = _hash({"stage": stage, "section": stage_section(experiment, stage, ctx.train_config),
+        input_hash = value_digest({"stage": stage, "section": stage_section(experiment, stage, ctx.train_config),
                             "upstream": upstream})
         record = read_record(root, stage)
         if (not ran_before and stage not in redo and record is not None and record.input_hash == input_hash
