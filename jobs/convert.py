@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .runtime import user_error
+
 if TYPE_CHECKING:
     from pgseg.checkpoint import KeyReport
     from pgseg.config import Config
@@ -72,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         out = save_model(model, config, args.output)
     except (CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     print(f"wrote {out}")
     return 0
 

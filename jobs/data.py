@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .runtime import add_ray_options
+from .runtime import add_ray_options, user_error
 
 
 def _source_spec(text: str, args: argparse.Namespace):
@@ -109,8 +109,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 if len(samples) > args.limit:
                     break
     except (tarfile.TarError, OSError) as exc:
-        print(f"error: {path}: not a readable tar shard ({exc})", file=sys.stderr)
-        return 2
+        return user_error(f"{path}: not a readable tar shard ({exc})")
     for key, entry in list(samples.items())[: args.limit]:
         caption = entry.pop("caption", "<no caption>")
         members = ", ".join(f"{ext} {size} B" for ext, size in entry.items())
@@ -178,8 +177,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

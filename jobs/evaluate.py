@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
-from pathlib import Path
 
 from pgseg.config.schema import RESIZE_RULES
 
@@ -56,11 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from pgseg.segment import ProtocolSettings, background_threshold
 
     if not args.dataset and not args.classification:
-        print("error: give --dataset KIND:ROOT and/or --classification PATH", file=sys.stderr)
-        return 2
+        return user_error("give --dataset KIND:ROOT and/or --classification PATH")
     if args.classification and not args.class_names:
-        print("error: --classification needs --class-names FILE", file=sys.stderr)
-        return 2
+        return user_error("--classification needs --class-names FILE")
     if args.overlays < 0 or args.actors < 1:
         return user_error("--overlays must be >= 0 and --actors >= 1")
     try:
@@ -74,15 +71,14 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             from pipelines.evaluate import result_paths
 
-            from .segment import check_out
+            from pgseg.fileio import writable_folder
 
-            check_out(Path(args.out))
+            writable_folder(args.out, "--out")
             there = [str(p) for d, _ in plans for p in result_paths(args.out, d.name) if p.exists()]
             if there and not args.overwrite:
                 raise ValueError(f"--out {args.out} already holds {', '.join(there)}: add --overwrite to replace")
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     from pipelines.evaluate import EvalResult, evaluate, evaluate_classification, log_classification, log_to_mlflow
     from pipelines.tracking import resolve_uri
 
@@ -102,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = run_evaluation()
         except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return user_error(exc)
         print(result.table_text())
         if isinstance(result, EvalResult):  # a segmentation set
             if result.hint():

@@ -56,11 +56,9 @@ def _execute(experiment, args: argparse.Namespace) -> tuple[int, object]:
     from pgseg.config import ConfigError
     from pipelines.workflow import WorkflowError, run_workflow
 
-    from pipelines.runtime import named_address, quiet_logs, use_loopback
+    from pipelines.runtime import quiet_logs
 
-    if not named_address(args.address):
-        use_loopback()  # before Ray is imported
-    quiet_logs(args.verbose)
+    quiet_logs(args.verbose)  # (the loopback switch was set by the entry point, before Ray was imported)
     try:
         result = run_workflow(experiment, redo=args.redo)
     except ConfigError as exc:

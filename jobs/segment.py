@@ -75,22 +75,10 @@ def plan_outputs(paths: list[str], out: Path) -> list[tuple[Path, Path]]:
     return [(p, out / (s.parent / p.name if s in shared else s)) for p, s in zip(files, stems)]
 
 
-def check_out(out: Path) -> None:
-    """The output folder exists (or can be made) and can be written; ValueError naming the problem."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".pgseg-write-check-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write there ({exc.strerror})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from pgseg.checkpoint import CheckpointError, load_model
     from pgseg.device import resolve_device
+    from pgseg.fileio import writable_folder
     from pgseg.segment import ProtocolSettings, Segmenter, background_threshold, clean_class_names
 
     out = Path(args.out)
@@ -107,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         model, config = load_model(args.checkpoint, resolve_device(args.device))
         e = config.eval
         settings = ProtocolSettings.of(e, None if args.no_background else background_threshold(args.bg_thresh, e))
-        check_out(out)  # last: a bad option leaves no folder behind
+        writable_folder(out, "--out")  # last: a bad option leaves no folder behind
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return user_error(exc)
     if args.resume:

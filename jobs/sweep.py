@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from .runtime import add_ray_options
+from .runtime import add_ray_options, user_error
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,18 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.runtime import named_address, quiet_logs, use_loopback
-
-    if not named_address(args.address):
-        use_loopback()  # before Ray is imported
+    from pipelines.runtime import quiet_logs  # (the entry point set the loopback switch before Ray was imported)
     from pgseg.config import ConfigError
     from pipelines.sweep import load_sweep
 
     try:
         spec = load_sweep(args.config, args.set, args.workdir)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     quiet_logs(args.verbose)
     # `ray job stop` sends SIGTERM: Tune saves its state on SIGINT, so the sweep can be resumed
     previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
@@ -68,8 +64,7 @@ def _sweep(spec, args: argparse.Namespace) -> int:
     try:
         result = run_sweep(spec)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     except SweepInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130

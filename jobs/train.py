@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .runtime import add_ray_options
+from .runtime import add_ray_options, user_error
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if not address:  # an embedded Ray on this machine: check before starting it
             check_resources(plan.config, _local_cpus())
     except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     from pipelines.runtime import quiet_logs, start_ray
 
     start_ray(address, verbose=args.verbose)
@@ -48,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = fit(plan)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,22 @@ def current_umask() -> int:
     return mask
 
 
+def writable_folder(path: str | Path, what: str = "folder") -> Path:
+    """``path`` exists as a folder (made if missing) that this process can write; ValueError naming ``what`` and
+    the problem otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".pgseg-write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot write there ({exc.strerror})") from None
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """``data`` into ``path`` whole or not at all; the file gets the mode any new file gets (0666 less the umask),
     not the private 0600 of a temporary file."""
