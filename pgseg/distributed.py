@@ -1,11 +1,13 @@
-"""The few collective operations the losses and the prototype EMA need, as plain functions of torch.distributed.
+"""The collective operations the losses and the prototype EMA need, handed to the model once.
 
-The model never asks for ranks itself: the trainer passes these functions in (ARCHITECTURE: torchtitan style).
-Outside an initialised process group every function is the identity of a world of one.
+The model never asks torch.distributed for ranks itself: whoever builds it (the training step) gives it a
+:class:`Collectives` — the world of one by default, :meth:`Collectives.from_process_group` inside an initialised
+process group (ARCHITECTURE: configured once, like open_clip's ``ClipLoss(rank, world_size)``).
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -15,30 +17,35 @@ import torch.distributed.nn.functional as dist_nn
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+@dataclass(frozen=True)
+class Collectives:
+    """This process's place in the world and the two collectives of a training step. ``Collectives()`` is a world
+    of one: ``gather`` and ``mean`` return their input."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_process_group(cls) -> "Collectives":
+        """The initialised default process group's rank and size (a world of one outside of one)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``x`` [b, ...] from every rank along dim 0 ([W·b, ...]); gradients flow back to each rank."""
+        if self.world == 1:
+            return x
+        return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+
+    @torch.no_grad()
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of ``x`` over ranks (a new tensor; ``x`` is untouched)."""
+        if self.world == 1:
+            return x
+        out = x.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / self.world
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` [b, ...] from every rank along dim 0 ([W·b, ...]); gradients flow back to each rank."""
-    if not is_distributed():
-        return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
-
-
-@torch.no_grad()
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean of ``x`` over ranks (a new tensor; ``x`` is untouched)."""
-    if not is_distributed():
-        return x
-    out = x.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
+SINGLE = Collectives()

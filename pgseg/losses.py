@@ -2,22 +2,16 @@
 against the features gathered from all ranks, with labels offset by rank·B; gradients flow through the gather."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-Gather = Callable[[torch.Tensor], torch.Tensor]
+from .distributed import SINGLE, Collectives
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, *, gather: Gather | None = None,
-                     rank: int = 0) -> torch.Tensor:
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                     world: Collectives = SINGLE) -> torch.Tensor:
     """Symmetric InfoNCE: image [B, D], text [B, D] (unnormalised) → scalar, over the global batch."""
-    gather = gather or _identity
+    gather, rank = world.gather, world.rank
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
     loss_img = F.cross_entropy(scale * image @ gather(text).t(), labels)
@@ -25,14 +19,14 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tenso
     return 0.5 * (loss_img + loss_text)
 
 
-def multi_label_loss(image: torch.Tensor, nouns: torch.Tensor, scale: torch.Tensor, *, gather: Gather | None = None,
-                     rank: int = 0) -> torch.Tensor:
+def multi_label_loss(image: torch.Tensor, nouns: torch.Tensor, scale: torch.Tensor,
+                     world: Collectives = SINGLE) -> torch.Tensor:
     """GroupViT's multi-label contrastive loss: image [B, D] against its K noun prompts nouns [B, K, D].
 
     Image → all noun prompts of the global batch, target spread evenly over its own K; each noun prompt → all
     images, target its own image.
     """
-    gather = gather or _identity
+    gather, rank = world.gather, world.rank
     b, k, _ = nouns.shape
     image = F.normalize(image, dim=-1)
     nouns = F.normalize(nouns, dim=-1).reshape(b * k, -1)  # [B·K, D]

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, LossConfig, ModelConfig, NPRConfig
-from ..losses import Gather, contrastive_loss, multi_label_loss
+from ..distributed import SINGLE, Collectives
+from ..losses import contrastive_loss, multi_label_loss
 from .image_encoder import ImageEncoder, ImageOutput
 from .layers import ProjectMLP
 from .npr import ema_, pg_loss
@@ -44,8 +45,10 @@ class TrainOutput:
 class PGSeg(nn.Module):
     """Build with :meth:`from_config`. Parameter names follow the released layout (see :mod:`pgseg.checkpoint`)."""
 
-    def __init__(self, model: ModelConfig, npr: NPRConfig, loss: LossConfig | None = None):
+    def __init__(self, model: ModelConfig, npr: NPRConfig, loss: LossConfig | None = None,
+                 world: Collectives = SINGLE):
         super().__init__()
+        self.world = world  # the training forward's collectives (the global batch, the prototype EMA); set once
         self.model_cfg = model
         self.npr = npr.resolved()
         self.loss_cfg = loss or LossConfig()
@@ -63,8 +66,8 @@ class PGSeg(nn.Module):
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / model.contrast_temperature)))
 
     @classmethod
-    def from_config(cls, config: Config) -> "PGSeg":
-        return cls(config.model, config.npr, config.loss)
+    def from_config(cls, config: Config, world: Collectives = SINGLE) -> "PGSeg":
+        return cls(config.model, config.npr, config.loss, world)
 
     # ------------------------------------------------------------------------------------------------ scales
     def _clamped(self, log_scale: torch.Tensor) -> torch.Tensor:
@@ -113,27 +116,23 @@ class PGSeg(nn.Module):
     def npr_active(self, step: int, epoch: int) -> bool:
         return step >= self.npr.start_step and epoch >= self.npr.start_epoch
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, *, noun_tokens: torch.Tensor | None = None,
-                step: int = 0, epoch: int = 0, gather: Gather | None = None, rank: int = 0,
-                mean: Mean | None = None) -> TrainOutput:
-        """The training forward: images [B, 3, H, W], caption tokens [B, L], optional noun prompts [B, K, L].
-
-        ``gather`` concatenates a tensor over ranks with gradient and ``mean`` averages over ranks
-        (:mod:`pgseg.distributed`); both default to a world of one.
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, noun_tokens: torch.Tensor | None = None, *,
+                step: int = 0, epoch: int = 0) -> TrainOutput:
+        """The training forward: images [B, 3, H, W], caption tokens [B, L], optional noun prompts [B, K, L], at
+        training ``step`` of ``epoch`` (NPR may start later). The losses run over the global batch of ``self.world``.
         """
-        npr = self.npr
-        text = self.encode_text(tokens, mean=mean)
+        npr, world = self.npr, self.world
+        text = self.encode_text(tokens, mean=world.mean)
         image = self.encode_image(images, groups=False)
         itc_scale = self.itc_scale()
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {"itc_scale": itc_scale.detach()}
-        terms["itc"] = self.loss_cfg.itc_weight * contrastive_loss(image.x, text.x, itc_scale, gather=gather, rank=rank)
+        terms["itc"] = self.loss_cfg.itc_weight * contrastive_loss(image.x, text.x, itc_scale, world)
         if noun_tokens is not None and self.loss_cfg.multi_label > 0:
             b, k, length = noun_tokens.shape
-            nouns = self.encode_text(noun_tokens.reshape(b * k, length), mean=mean).x.reshape(b, k, -1)
+            nouns = self.encode_text(noun_tokens.reshape(b * k, length), mean=world.mean).x.reshape(b, k, -1)
             scale = itc_scale if self.loss_cfg.share_temperature else self._clamped(self.multi_label_logit_scale)
-            terms["multi_label"] = self.loss_cfg.multi_label_weight * multi_label_loss(image.x, nouns, scale,
-                                                                                       gather=gather, rank=rank)
+            terms["multi_label"] = self.loss_cfg.multi_label_weight * multi_label_loss(image.x, nouns, scale, world)
         stages = image.out.stages
         prototypes = {f"stage{s}": st.prototypes for s, st in enumerate(stages) if st.prototypes is not None}
         if text.prototypes is not None:
@@ -161,8 +160,10 @@ class PGSeg(nn.Module):
         return TrainOutput(total, {k: v.detach() for k, v in terms.items()}, metrics, prototypes)
 
     @torch.no_grad()
-    def ema_step(self, prototypes: dict[str, torch.Tensor], mean: Mean | None = None) -> None:
-        """After the optimiser step: the prototype EMA the config asks for (image: paper; text: ``train_step``)."""
+    def ema_step(self, prototypes: dict[str, torch.Tensor]) -> None:
+        """After the optimiser step: the prototype EMA the config asks for (image: paper; text: ``train_step``),
+        averaged over ``self.world``."""
+        mean = self.world.mean
         if self.npr.image_ema:
             for s, layer in enumerate(layer for layer in self.img_encoder.layers if layer.downsample is not None):
                 if layer.downsample_spatial is not None and f"stage{s}" in prototypes:

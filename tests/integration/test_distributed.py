@@ -32,12 +32,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         # 1. prototype EMA: every rank starts from the same model and sees different images
         torch.manual_seed(0)
-        model = PGSeg.from_config(load_config("tiny", ["npr.mode=paper"])).train()
+        world = D.Collectives.from_process_group()
+        assert world == D.Collectives(rank, WORLD)
+        model = PGSeg.from_config(load_config("tiny", ["npr.mode=paper"]), world).train()
         torch.manual_seed(100 + rank)
         images = torch.randn(3, 3, 64, 64)
         tokens = tokenize(["a red circle", "a blue square", "a star"], context_length=16)
-        out = model(images, tokens, gather=D.all_gather_with_grad, rank=D.rank(), mean=D.all_reduce_mean)
-        model.ema_step(out.prototypes, mean=D.all_reduce_mean)
+        out = model(images, tokens)
+        model.ema_step(out.prototypes)
         buffers = {k: v.clone() for k, v in model.named_buffers() if k.endswith(".mu")}
         local = {k: v.mean(0, keepdim=True) for k, v in out.prototypes.items()}
         # 2. ITC over the global batch: features of this rank's half of a fixed global batch
@@ -46,7 +48,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         txt_all = torch.randn(WORLD * 4, 8)
         img = img_all[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
         txt = txt_all[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
-        loss = contrastive_loss(img, txt, torch.tensor(10.0), gather=D.all_gather_with_grad, rank=D.rank())
+        loss = contrastive_loss(img, txt, torch.tensor(10.0), world)
         loss.backward()
         torch.save({"buffers": buffers, "local_means": local, "loss": loss.detach(),
                     "img_grad": img.grad, "txt_grad": txt.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
