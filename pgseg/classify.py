@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from .limits import IMAGE_SUFFIXES
 from .segment import class_embeddings, clean_class_names, read_image, to_tensor
@@ -17,9 +19,6 @@ from .text import IMAGENET_TEMPLATES
 
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     """Resize the short side to ``size·256/224`` (bicubic), centre-crop ``size``, normalise → [3, size, size]."""
-    from torchvision.transforms import functional as TF
-    from torchvision.transforms import InterpolationMode
-
     image = TF.resize(image, int(size * 256 / 224), interpolation=InterpolationMode.BICUBIC)
     return to_tensor(TF.center_crop(image, [size, size]))
 

@@ -6,6 +6,7 @@ class list (other than 255 = ignore) are an error naming the file and the ids.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from .fileio import atomic_write_bytes
 from .limits import IMAGE_SUFFIXES
 
 IGNORE = 255
@@ -156,10 +158,6 @@ def coco_stuff_to_object(stuff: np.ndarray) -> np.ndarray:
 
 def convert_coco_stuff(stuff_dir: str | Path, out_dir: str | Path) -> int:
     """Write ``{id}_instanceTrainIds.png`` for every COCO-Stuff ``{id}.png`` of ``stuff_dir``; returns the count."""
-    import io
-
-    from .fileio import atomic_write_bytes
-
     stuff_dir, out_dir = Path(stuff_dir), Path(out_dir)
     files = sorted(stuff_dir.glob("*.png"))
     if not files:

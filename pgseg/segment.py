@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .config.schema import RESIZE_RULES
+from .config.schema import RESIZE_RULES, ConfigError
 from .limits import MAX_BYTES, MAX_PIXELS, WORK_PIXELS
 from .text import SEGMENTATION_TEMPLATES, fill_templates, tokenize
 
@@ -53,17 +53,17 @@ class ProtocolSettings:
 
     def __post_init__(self) -> None:
         if self.window < 1:
-            raise ValueError(f"window must be >= 1 pixel, got {self.window}")
+            raise ConfigError(f"window: must be >= 1 pixel, got {self.window}")
         if not 0 < self.stride <= self.window:
-            raise ValueError(f"stride must be in (0, window={self.window}], got {self.stride}")
+            raise ConfigError(f"stride: must be in (0, window={self.window}], got {self.stride}")
         if self.short_side < 1 or self.max_long_side < self.short_side:
-            raise ValueError("need 1 <= short_side <= max_long_side")
+            raise ConfigError(f"short_side: need 1 <= short_side ({self.short_side}) <= max_long_side ({self.max_long_side})")
         if self.bg_thresh is not None and not 0 <= self.bg_thresh <= 1:
-            raise ValueError(f"bg_thresh must be in [0, 1], got {self.bg_thresh}")
+            raise ConfigError(f"bg_thresh: must be in [0, 1], got {self.bg_thresh}")
         if self.topk < 1:
-            raise ValueError(f"topk must be >= 1, got {self.topk}")
+            raise ConfigError(f"topk: must be >= 1, got {self.topk}")
         if self.resize not in RESIZE_RULES:
-            raise ValueError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
+            raise ConfigError(f"resize: must be one of {RESIZE_RULES}, got {self.resize!r}")
 
 
 def background_threshold(chosen: float | None, eval_config, default: float | None = 0.95) -> float | None:

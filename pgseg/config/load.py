@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -93,6 +93,19 @@ def load_raw(name_or_path: str | Path, _depth: int = 0) -> dict[str, Any]:
     return deep_merge(parent, data)
 
 
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """``("a.b.c", value)`` → ``{"a": {"b": {"c": value}}}``."""
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{key!r}: empty key")
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
 def parse_override(item: str) -> dict[str, Any]:
     """``a.b.c=value`` → ``{"a": {"b": {"c": value}}}``; the value is parsed as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
     if "=" not in item:
@@ -105,13 +118,14 @@ def parse_override(item: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+    return nested(key, value)
+
+
+def with_values(raw: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with each dotted key of ``values`` set to its (already typed) value."""
+    for key, value in values.items():
+        raw = deep_merge(raw, nested(key, value))
+    return raw
 
 
 def _type_name(tp: Any) -> str:
@@ -226,14 +240,18 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(source: str | Path | dict[str, Any] | None = None, overrides: Iterable[str] = ()) -> Config:
+def load_config(source: str | Path | dict[str, Any] | Config | None = None, overrides: Iterable[str] = (),
+                values: Mapping[str, Any] | None = None) -> Config:
     """Load, override, type-check and validate a config.
 
-    ``source``: a preset name (``tiny``), a YAML path, a mapping, or ``None`` for the defaults (``pgseg_vit_s``).
-    ``overrides``: ``["npr.phi=0.2", ...]`` applied last.
+    ``source``: a preset name (``tiny``), a YAML path, a mapping, a loaded :class:`Config`, or ``None`` for the
+    defaults (``pgseg_vit_s``). ``overrides``: the user's text, ``["npr.phi=0.2", ...]``, applied next;
+    ``values``: typed values by dotted key (``{"npr.phi": 0.2}``: a sweep's point, a workflow's wiring), applied last.
     """
     if source is None:
         raw: dict[str, Any] = {}
+    elif isinstance(source, Config):
+        raw = to_dict(source)
     elif isinstance(source, dict):
         raw = dict(source)
         base = raw.pop("base", None)
@@ -243,7 +261,7 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: It
         raw = load_raw(source)
     for item in overrides:
         raw = deep_merge(raw, parse_override(item))
-    config = from_dict(Config, raw)
+    config = from_dict(Config, with_values(raw, values or {}))
     return config.validate()
 
 

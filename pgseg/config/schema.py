@@ -5,7 +5,7 @@ Every field carries its default; presets (``presets/*.yaml``) and experiment fil
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 # the zero-shot protocol's image resize: "uint8" = the release's (OpenCV bilinear on the 8-bit image, then
@@ -150,8 +150,6 @@ class NPRConfig:
 
     def resolved(self) -> "NPRConfig":
         """A copy with every ``None`` switch replaced by the value ``mode`` implies."""
-        from dataclasses import replace
-
         official = self.mode == "official"
         defaults = {
             "pg_temperature": "learnable" if official else "fixed",

@@ -1,0 +1,105 @@
+"""One rank's training step: the model, AdamW, the schedule and the gradient scaler, and what one batch does to
+them — forward (under autocast), backward, a finite-loss check agreed by every rank, clipping, the optimiser step
+and the prototype EMA. Plain PyTorch: a DDP wrapper and the collectives are handed in once, at construction."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import init_from_checkpoint
+from ..config import Config
+from ..distributed import SINGLE, Collectives
+from ..model import PGSeg
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+# wraps the model for data parallelism (e.g. DistributedDataParallel); receives DDP's keyword arguments
+Wrap = Callable[..., torch.nn.Module]
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # "loss" and each "loss/<term>", averaged over ranks
+    metrics: dict[str, torch.Tensor]  # the model's detached scalars (this rank)
+    grad_norm: float
+    finite: bool
+    seconds: dict[str, float]  # "time/compute" (forward + backward), "time/optim"
+
+
+class TrainStep:
+    """Build once per rank; call once per batch (``{"image": [B,3,S,S], "tokens": [B,L], "nouns": [B,K,L]?}``).
+
+    ``world``: this rank's collectives (the losses' global batch, the prototype EMA); ``wrap``: the DDP wrapper of a
+    multi-process run; ``init``: load ``train.init_from`` (off when a checkpoint is restored instead).
+    """
+
+    def __init__(self, config: Config, steps_per_epoch: int, device: torch.device | str = "cpu", *,
+                 world: Collectives = SINGLE, init: bool = True, wrap: Wrap | None = None):
+        self.config, self.steps_per_epoch, self.device, self.world = config, steps_per_epoch, torch.device(device), world
+        t = config.train
+        torch.manual_seed(t.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+        model = PGSeg.from_config(config, world)
+        if init and t.init_from:
+            report = init_from_checkpoint(model, t.init_from)
+            if world.rank == 0:
+                log.info("initialised from %s:\n%s", t.init_from, report.text())
+        if t.use_gpu and world.world > 1:  # batch statistics of the projectors over the global batch (CUDA only)
+            model.sync_batchnorm()
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        torch.manual_seed(t.seed * 1000 + world.rank)  # Gumbel noise and dropout differ across ranks
+        npr = config.npr.resolved()
+        delayed = npr.enabled and (npr.start_epoch > 0 or npr.start_step > 0)  # the graph grows when NPR starts
+        self.net = wrap(self.model, find_unused_parameters=delayed) if wrap else self.model
+
+    @property
+    def global_batch(self) -> int:
+        """The images one step compares against: every rank's batch."""
+        return self.config.data.batch_size * self.world.world
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int, *, poison: bool = False) -> StepResult:
+        """Train on ``batch`` as step ``step`` (the schedule and NPR's start follow it). ``poison``: a NaN loss
+        (the fault drill of a diverged step)."""
+        t0 = time.perf_counter()
+        self.net.train()
+        self.scheduler.step_update(step)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.net(batch["image"], batch["tokens"], batch.get("nouns"), step=step,
+                           epoch=step // self.steps_per_epoch)
+        loss = out.loss * float("nan") if poison else out.loss
+        self.scaler.scale(loss).backward()
+        t1 = time.perf_counter()
+        losses = self.world.mean(torch.stack([loss.detach().float(), *(v.float() for v in out.terms.values())]))
+        finite = bool(torch.isfinite(losses[0]))  # the same on every rank: the mean over ranks
+        grad_norm = float("nan")
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip or math.inf))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.model.ema_step(out.prototypes)
+        self.optimizer.zero_grad(set_to_none=True)
+        values = losses.tolist()
+        return StepResult({"loss": values[0], **{f"loss/{k}": v for k, v in zip(out.terms, values[1:])}},
+                          out.metrics, grad_norm, finite,
+                          {"time/compute": t1 - t0, "time/optim": time.perf_counter() - t1})
