@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: a real training step (forward, backward, AdamW, prototype EMA) and timing."""
+"""Helpers shared by the benchmarks: the project's training step (``pgseg.train.TrainStep``: forward, backward,
+clipping, AdamW with its schedule, prototype EMA) on a fixed batch, and timing."""
 from __future__ import annotations
 
 import statistics
@@ -10,6 +11,7 @@ import torch
 from pgseg.config import load_config
 from pgseg.model import PGSeg
 from pgseg.text import tokenize
+from pgseg.train import TrainStep
 
 CAPTIONS = ["a dog running on the beach", "two people riding bikes", "a bowl of fruit on a table",
             "an aerial view of a city", "a red bus on a street", "a cat sleeping on a sofa",
@@ -17,27 +19,23 @@ CAPTIONS = ["a dog running on the beach", "two people riding bikes", "a bowl of 
 
 
 def training_step(preset: str, batch: int, overrides: tuple[str, ...] = (), device: torch.device | str = "cpu",
-                  precision: str = "fp32") -> tuple[Callable[[], None], PGSeg, tuple]:
+                  precision: str = "fp32") -> tuple[Callable[[], None], PGSeg, dict[str, torch.Tensor]]:
     """A closure running one full training step of ``preset`` on a fixed random batch (``precision`` bf16 or fp16:
-    the forward under autocast, as the trainer runs it)."""
-    config = load_config(preset, list(overrides))
+    the forward under autocast, as the trainer runs it); NPR on from the first step."""
+    config = load_config(preset, [*overrides, f"train.precision={precision}", "train.use_gpu=false",
+                                  "npr.start_epoch=0", "npr.start_step=0", f"data.batch_size={batch}"])
     device = torch.device(device)
-    model = PGSeg.from_config(config).to(device).train()
+    trainer = TrainStep(config, steps_per_epoch=1_000_000, device=device, init=False)
     size = config.model.image.img_size
-    images = torch.randn(batch, 3, size, size, device=device)
-    tokens = tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], config.model.text.context_length).to(device)
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    data = {"image": torch.randn(batch, 3, size, size, device=device),
+            "tokens": tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)],
+                               config.model.text.context_length).to(device)}
+    count = iter(range(1_000_000))
 
     def step() -> None:
-        optimiser.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(images, tokens)
-        out.loss.backward()
-        optimiser.step()
-        model.ema_step(out.prototypes)
+        trainer(data, next(count))
 
-    return step, model, (images, tokens)
+    return step, trainer.model, data
 
 
 def time_call(fn: Callable[[], object]) -> float:

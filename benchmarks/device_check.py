@@ -52,7 +52,7 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
 
 def parity(fixture: Path, device: torch.device) -> dict:
     from benchmarks.fixture import IMAGES, Reference
-    from jobs.convert import convert_checkpoint
+    from pgseg.checkpoint import convert_checkpoint
     from pgseg.segment import ProtocolSettings, Segmenter
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

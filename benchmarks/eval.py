@@ -73,7 +73,8 @@ def main() -> None:
     from pgseg.datasets import voc
     from pgseg.model import PGSeg
     from pgseg.segment import ProtocolSettings
-    from pipelines.evaluate import evaluate, evaluate_in_process
+    from pgseg.evaluate import evaluate_in_process
+    from pipelines.evaluate import evaluate
 
     root = Path(tempfile.mkdtemp(prefix="pgseg-bench-eval-"))
     config = load_config("pgseg_vit_s")

@@ -29,7 +29,7 @@ def _plain_pipeline(shards: list[str], workers: int):
     import webdataset as wds
 
     from pgseg.text import tokenize
-    from pipelines.ingest import preprocess_image
+    from pipelines.data.ingest import preprocess_image
 
     rng_holder: dict[int, np.random.Generator] = {}
 
@@ -57,10 +57,10 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from pipelines.download import DownloadSpec, download
-    from pipelines.ingest import Ingest
-    from pipelines.serve import serve_directory
-    from pipelines.shapes_world import ShapesWorld, write_train_images, write_url_list
+    from pipelines.data.download import DownloadSpec, download
+    from pipelines.data.ingest import Ingest
+    from pipelines.data.file_server import serve_directory
+    from pipelines.data.shapes_world import ShapesWorld, write_train_images, write_url_list
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -1,4 +1,4 @@
-"""Sweep overhead: the wall time of a 2-trial Ray Tune sweep (``pipelines.sweep.run_sweep``: a function trainable
+"""Sweep overhead: the wall time of a 2-trial Ray Tune sweep (``pipelines.tune.run_sweep``: a function trainable
 per trial that fits the TorchTrainer) against the same two trainings run back to back with
 ``pipelines.train.fit`` and no Tune, measured in one run on one local Ray with the ``tiny`` config on CPU and
 shapes-world shards made by img2dataset. Both sides score the dev set during training, as a sweep's trials do.
@@ -32,8 +32,8 @@ def main() -> None:
 
     from benchmarks.train_scaling import make_shards
     from pgseg.config import load_config
-    from pipelines.shapes_world import ShapesWorld, write_voc_val
-    from pipelines.sweep import load_sweep, run_sweep
+    from pipelines.data.shapes_world import ShapesWorld, write_voc_val
+    from pipelines.tune import load_sweep, run_sweep
     from pipelines.train import fit, plan_training
 
     root = Path(tempfile.mkdtemp(prefix="pgseg-bench-sweep-"))

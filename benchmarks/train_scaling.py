@@ -1,4 +1,4 @@
-"""Training throughput of the ``tiny`` config on CPU: the same training step (pipelines.train.Stepper) in a plain
+"""Training throughput of the ``tiny`` config on CPU: the same training step (pgseg.train.TrainStep) in a plain
 process and on Ray Train with 1 and 2 workers, measured in one run on shapes-world shards made by img2dataset.
 
 Printed: images/s of each, the step split (data wait, forward+backward, NPR = EM + matching inside it, optimiser)
@@ -24,8 +24,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def make_shards(root: Path, images: int) -> Path:
-    from pipelines.download import DownloadSpec, download
-    from pipelines.shapes_world import ShapesWorld, write_train_images, write_url_list
+    from pipelines.data.download import DownloadSpec, download
+    from pipelines.data.shapes_world import ShapesWorld, write_train_images, write_url_list
 
     world = ShapesWorld(num_classes=4, image_size=64, seed=0)
     rows = write_train_images(world, root / "www", images)
@@ -43,8 +43,8 @@ def plain_process(config, shards: Path, steps: int, profile_steps: int = 5) -> d
     import torch
 
     from pgseg.text import tokenize
-    from pipelines.ingest import preprocess_image
-    from pipelines.train import Stepper
+    from pipelines.data.ingest import preprocess_image
+    from pgseg.train import TrainStep
 
     torch.set_num_threads(1)
     samples = []
@@ -61,7 +61,7 @@ def plain_process(config, shards: Path, steps: int, profile_steps: int = 5) -> d
         images = np.stack([preprocess_image(d, size, config.data.min_scale, True, rng) for d, _ in chunk])
         return {"image": torch.from_numpy(images), "tokens": tokenize([c for _, c in chunk], length)}
 
-    stepper = Stepper(config, steps_per_epoch=steps, device=torch.device("cpu"))
+    stepper = TrainStep(config, steps_per_epoch=steps, device=torch.device("cpu"))
     for i in range(3):  # warm-up (numba, allocator)
         stepper(batch(i), i)
     totals = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}

@@ -7,62 +7,13 @@ way every tensor shape is checked, and an unexpected layout fails with the key r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
 
 from .runtime import user_error
 
-if TYPE_CHECKING:
-    from pgseg.checkpoint import KeyReport
-    from pgseg.config import Config
-    from pgseg.model import PGSeg
-
-
-def overrides_from_build_config(obj: Any) -> list[str]:
-    """``--set`` items for the architecture in a released checkpoint's plain-dict ``config['model']`` (if any)."""
-    model = obj.get("config", {}).get("model") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
-    if not isinstance(model, dict) or not isinstance(model.get("img_encoder"), dict):
-        return []
-    img, txt = model["img_encoder"], model.get("text_encoder", {})
-    items = [f"model.image.{ours}={json.dumps(img[theirs])}" for ours, theirs in (
-        ("img_size", "img_size"), ("patch_size", "patch_size"), ("embed_dim", "embed_dim"), ("depths", "depths"),
-        ("num_heads", "num_heads"), ("num_group_tokens", "num_group_tokens"),
-        ("num_output_groups", "num_output_groups"), ("mlp_ratio", "mlp_ratio"), ("drop_path_rate", "drop_path_rate"),
-        ("hard_assignment", "hard_assignment"), ("gumbel", "hard_assignment")) if theirs in img]
-    for key in ("context_length", "width", "layers", "vocab_size"):
-        if key in txt:
-            items.append(f"model.text.{key}={json.dumps(txt[key])}")
-    if "width" in txt:
-        items.append(f"model.text.heads={max(int(txt['width']) // 64, 1)}")  # the release hard-codes width // 64
-    for ours, theirs in (("output_dim", "output_dim"), ("contrast_temperature", "contrast_temperature"),
-                         ("proj_num_layers", "proj_num_layers")):
-        if theirs in model:
-            items.append(f"model.{ours}={json.dumps(model[theirs])}")
-    return items  # JSON values are YAML, as --set parses them
-
-
-def convert_checkpoint(path: str | Path, source: str, config: str | None = None,
-                       sets: Sequence[str] = ()) -> tuple["PGSeg", "Config", "KeyReport"]:
-    """A released checkpoint → (our model in official mode, loaded; its config; the key report). The architecture
-    comes from the file's plain-data build config unless ``config`` (a preset or YAML) names one."""
-    from pgseg.checkpoint import convert_file, read_checkpoint_file
-    from pgseg.config import load_config
-    from pgseg.model import PGSeg
-
-    raw = read_checkpoint_file(path)
-    arch = overrides_from_build_config(raw) if config is None else []
-    resolved = load_config(config or "pgseg_vit_s", [*arch, "npr.mode=official", *sets])
-    model = PGSeg.from_config(resolved)
-    converted, report = convert_file(path, model, source, raw)
-    if report.ok:
-        model.load_state_dict(converted, strict=False)
-    return model, resolved, report
-
 
 def run(args: argparse.Namespace) -> int:
-    from pgseg.checkpoint import CheckpointError, save_model
+    from pgseg.checkpoint import CheckpointError, convert_checkpoint, save_model  # (torch: only on this path)
     from pgseg.config import ConfigError
 
     try:

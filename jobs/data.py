@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import yaml
@@ -13,7 +12,7 @@ from .runtime import add_ray_options, user_error
 
 
 def _source_spec(text: str, args: argparse.Namespace):
-    from pipelines.sources import SourceSpec
+    from pipelines.data.sources import SourceSpec
 
     kind, sep, paths = text.partition(":")
     if not sep or not paths:
@@ -23,10 +22,10 @@ def _source_spec(text: str, args: argparse.Namespace):
 
 
 def cmd_sources(args: argparse.Namespace) -> int:
-    from pipelines.sources import build_url_list
+    from pipelines.data.sources import build_url_list
 
     from pipelines.runtime import start_ray
-    from pipelines.sources import check_url_list_out
+    from pipelines.data.sources import check_url_list_out
 
     specs = [_source_spec(s, args) for s in args.source]
     check_url_list_out(Path(args.out), args.overwrite)  # before Ray starts
@@ -39,7 +38,7 @@ def cmd_sources(args: argparse.Namespace) -> int:
 
 
 def _spec_from_args(args: argparse.Namespace):
-    from pipelines.download import DownloadSpec
+    from pipelines.data.download import DownloadSpec
 
     options = {}
     for item in args.option:
@@ -59,7 +58,7 @@ def _spec_from_args(args: argparse.Namespace):
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from pipelines.download import download
+    from pipelines.data.download import download
 
     spec = _spec_from_args(args)
     manifest = download(args.url_list, args.out, spec)
@@ -74,7 +73,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from pipelines.shapes_world import ShapesWorld, download_world, write_train_images, write_voc_val
+    from pipelines.data.shapes_world import ShapesWorld, download_world, write_train_images, write_voc_val
 
     out = Path(args.out)
     world = ShapesWorld(num_classes=args.classes, image_size=args.size, seed=args.seed)
@@ -87,7 +86,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipelines.download import read_manifest
+    from pipelines.data.download import read_manifest
 
     path = Path(args.path)
     if path.is_dir() or path.name.endswith(".json"):
@@ -96,24 +95,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for shard in manifest["shards"][: args.limit]:
             print(f"  {shard['tar']}: {shard['samples']} samples of {shard['attempted']}")
         return 0
+    from pipelines.data.shard_view import first_samples
+
     try:
-        with tarfile.open(path) as tar:
-            samples: dict[str, dict[str, int | str]] = {}
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                entry = samples.setdefault(key, {})
-                if ext in ("txt", "text"):
-                    entry["caption"] = tar.extractfile(member).read().decode("utf-8", "replace")
-                else:
-                    entry[ext] = member.size
-                if len(samples) > args.limit:
-                    break
-    except (tarfile.TarError, OSError) as exc:
-        return user_error(f"{path}: not a readable tar shard ({exc})")
-    for key, entry in list(samples.items())[: args.limit]:
-        caption = entry.pop("caption", "<no caption>")
-        members = ", ".join(f"{ext} {size} B" for ext, size in entry.items())
-        print(f"{key}: {caption!r} [{members}]")
+        samples = first_samples(path, args.limit)
+    except ValueError as exc:
+        return user_error(exc)
+    for sample in samples:
+        members = ", ".join(f"{ext} {size} B" for ext, size in sample.members.items())
+        print(f"{sample.key}: {sample.caption if sample.caption is not None else '<no caption>'!r} [{members}]")
     return 0
 
 

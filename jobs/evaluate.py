@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             plans.append((dataset, ProtocolSettings.of(e, bg, window=args.window, stride=args.stride,
                                                        short_side=args.short_side, resize=args.resize)))
         if args.out:
-            from pipelines.evaluate import result_paths
+            from pgseg.evaluate import result_paths
 
             from pgseg.fileio import writable_folder
 
@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--out {args.out} already holds {', '.join(there)}: add --overwrite to replace")
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return user_error(exc)
-    from pipelines.evaluate import EvalResult, evaluate, evaluate_classification, log_classification, log_to_mlflow
+    from pgseg.evaluate import EvalResult
+    from pipelines.evaluate import evaluate, evaluate_classification
+    from pipelines.tracking import log_classification, log_eval
     from pipelines.tracking import resolve_uri
 
     from pipelines.runtime import quiet_logs, start_ray
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = []  # (evaluation, its MLflow logger): segmentation sets first, then classification sets
     for dataset, settings in plans:
         tasks.append((partial(evaluate, args.checkpoint, dataset, settings, actors=args.actors, use_gpu=args.gpu,
-                              true_labels=args.true_labels, overlays=args.overlays), log_to_mlflow))
+                              true_labels=args.true_labels, overlays=args.overlays), log_eval))
     for source in args.classification:
         tasks.append((partial(evaluate_classification, args.checkpoint, source, args.class_names,
                               actors=args.actors, use_gpu=args.gpu), log_classification))

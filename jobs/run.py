@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace, extra: list[str] = ()):
     from pgseg.config import ConfigError
-    from pipelines.workflow import load_experiment
+    from pipelines.flow import load_experiment
 
     overrides = list(args.set) + list(extra) + ([f"workdir={args.workdir}"] if args.workdir else []) + \
         ([f"address={args.address}"] if args.address else [])
@@ -54,7 +54,7 @@ def _load(args: argparse.Namespace, extra: list[str] = ()):
 
 def _execute(experiment, args: argparse.Namespace) -> tuple[int, object]:
     from pgseg.config import ConfigError
-    from pipelines.workflow import WorkflowError, run_workflow
+    from pipelines.flow import WorkflowError, run_workflow
 
     from pipelines.runtime import quiet_logs
 
@@ -89,7 +89,7 @@ def quickstart(args: argparse.Namespace) -> int:
         base = _load(args)
         if base is None:
             return 2
-        from pipelines.workflow import training_config
+        from pipelines.flow import training_config
 
         epochs = training_config(base).schedule.epochs
         extra.append(f"train.schedule.epochs={max(1, round(epochs * args.minutes / 15))}")

@@ -1,5 +1,5 @@
 """``pgseg sweep --config SWEEP.yaml`` / ``python -m jobs.sweep`` (for ``ray job submit``): a Ray Tune sweep of
-training runs (see pipelines/sweep.py). With an experiment in the sweep file, its sources and download stages run
+training runs (see pipelines/tune/). With an experiment in the sweep file, its sources and download stages run
 first (skipped when done, as in ``pgseg run``). The same command again resumes an interrupted sweep: finished
 trials are kept, the others continue from their checkpoints. Prints the summary table (also in MLflow)."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipelines.runtime import quiet_logs  # (the entry point set the loopback switch before Ray was imported)
     from pgseg.config import ConfigError
-    from pipelines.sweep import load_sweep
+    from pipelines.tune import load_sweep
 
     try:
         spec = load_sweep(args.config, args.set, args.workdir)
@@ -48,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _sweep(spec, args: argparse.Namespace) -> int:
     from pgseg.config import ConfigError
-    from pipelines.sweep import SweepInterrupted, run_sweep
+    from pipelines.tune import SweepInterrupted, run_sweep
 
     if spec.data_stages is not None:
-        from pipelines.workflow import WorkflowError, run_workflow
+        from pipelines.flow import WorkflowError, run_workflow
 
         try:
             run_workflow(spec.data_stages)

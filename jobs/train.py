@@ -30,7 +30,8 @@ def _local_cpus() -> float:
 
 def run(args: argparse.Namespace) -> int:
     from pgseg.config import ConfigError, load_config
-    from pipelines.train import TrainingError, check_resources, fit, plan_training
+    from pipelines.runtime import check_resources
+    from pipelines.train import TrainingError, fit, plan_training
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:

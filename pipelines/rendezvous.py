@@ -7,8 +7,9 @@ binding its own. The other ranks connect to 127.0.0.1:PORT as usual.
 
 Ray adapter (checked with Ray 2.60 and torch 2.14): Ray Train's ``TorchConfig.backend_cls`` and the backend's
 ``on_start(worker_group, backend_config)`` hook, and its private ``_setup_torch_process_group`` and
-``_set_torch_distributed_env_vars`` helpers run on each worker. ``tests/test_edges.py`` lists the listening
-sockets of a training run, so a change in either library fails loudly.
+``_set_torch_distributed_env_vars`` helpers run on each worker. ``tests/unit/test_ray_private.py`` checks their
+signatures and ``tests/integration/test_loopback.py`` lists the listening sockets of a training run, so a change in
+either library fails loudly.
 """
 from __future__ import annotations
 
@@ -17,22 +18,23 @@ import socket
 from dataclasses import dataclass
 
 import ray
+import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+from pipelines.runtime import LOOPBACK
 
 _SERVERS: dict[int, object] = {}  # port → the live TCPStore server of this worker process (rank 0)
 
 
 def _serve_store(timeout_s: float) -> int:
     """Rank 0: a TCPStore server on a socket bound to 127.0.0.1; returns its port."""
-    import torch.distributed as dist
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((LOOPBACK, 0))
     sock.listen(1024)
     port = sock.getsockname()[1]
-    _SERVERS[port] = dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False,
+    _SERVERS[port] = dist.TCPStore(LOOPBACK, port, is_master=True, multi_tenant=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=sock.detach())
     return port
 

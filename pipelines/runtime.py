@@ -2,6 +2,9 @@
 else an embedded Ray on this machine whose every part (GCS, raylet, workers, dashboard and its agents, torch's
 rendezvous) listens on 127.0.0.1 only. A stray local cluster (someone's ``ray start``, whose address Ray keeps in
 /tmp/ray/ray_current_cluster) neither captures nor breaks an embedded run: ``address="local"`` always starts our own.
+And whether a run's workers fit the cluster, checked before anything is placed.
+
+Ray is imported inside the functions here: it reads the loopback switch (:func:`use_loopback`) when it is imported.
 """
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import logging
 import os
 import socket
 
+from pgseg.config import Config, ConfigError
+
 LOOPBACK = "127.0.0.1"
 # Ray reads these when it is imported: its processes bind the loopback address instead of the machine's, and a
 # loopback-only cluster needs no token. Never set for a named cluster.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+DATA_CPUS = 1.0  # CPUs left to Ray Data's read/decode tasks on a machine that also trains
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "tensorboardX")
 
 
@@ -35,7 +41,7 @@ def start_ray(address: str | None = None, *, num_cpus: float | None = None, verb
     named = named_address(address)
     if not named:
         use_loopback()
-    import ray
+    import ray  # (here, not at the top: Ray reads the loopback switch when it is imported)
 
     if ray.is_initialized():
         return "cluster" if named else "embedded"
@@ -46,7 +52,9 @@ def start_ray(address: str | None = None, *, num_cpus: float | None = None, verb
     if named:
         ray.init(address=named, **options)
         return "cluster"
-    _loopback_driver()
+    from pipelines.ray_private import loopback_driver  # (imports Ray: after use_loopback)
+
+    loopback_driver()
     if options.get("include_dashboard", True):
         # Ray Train's processes find the state API (the dashboard) by the address of "the" local cluster, which is
         # another one when someone's `ray start` runs beside ours: name ours to every process of this job
@@ -64,16 +72,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
-
-
-def _loopback_driver() -> None:
-    """Ray adapter (2.60): Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into ``ray_constants.ENABLE_RAY_CLUSTER`` when
-    it is imported; when something imported Ray before :func:`use_loopback` ran, the processes this driver starts
-    would bind the machine's address. The processes get the variable from the environment; the driver's copy is set
-    here. ``tests/test_edges.py`` lists the sockets of commands that import Ray early."""
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def on_loopback() -> bool:
@@ -102,3 +100,43 @@ def quiet_logs(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     # (it warns that the progress bars are off: we show our own)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the attached cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+
+
+def check_resources(config: Config, cpus: float, gpus: float = 0.0) -> None:
+    """Fail, naming the keys, when a run's workers cannot all be placed with a CPU left for Ray Data."""
+    t = config.train
+    need = t.workers * t.cpus_per_worker
+    if need + DATA_CPUS > cpus + 1e-9:
+        raise ConfigError(f"train.workers: {t.workers} worker(s) × train.cpus_per_worker {t.cpus_per_worker} CPU "
+                          f"= {need:g} CPUs, plus {DATA_CPUS:g} for Ray Data, but the cluster has {cpus:g} CPUs; "
+                          f"lower train.workers or train.cpus_per_worker")
+    if t.use_gpu and t.workers > gpus:
+        raise ConfigError(f"train.use_gpu: {t.workers} worker(s) need {t.workers} GPUs, the cluster has {gpus:g}")
+
+
+def concurrent_trials(config: Config, trainable_cpus: float, max_concurrent: int | None, cpus: float,
+                      gpus: float) -> int:
+    """How many training runs of ``config`` fit at once: each takes its workers, a Tune trainable of
+    ``trainable_cpus`` and a CPU for Ray Data's tasks."""
+    t = config.train
+    per_trial = t.workers * t.cpus_per_worker + trainable_cpus
+    if per_trial + DATA_CPUS > cpus + 1e-9:
+        raise ConfigError(f"trainable_cpus: a trial takes {t.workers} worker(s) × train.cpus_per_worker "
+                          f"{t.cpus_per_worker} + trainable_cpus {trainable_cpus} = {per_trial:g} CPUs, plus "
+                          f"{DATA_CPUS:g} for Ray Data, but the cluster has {cpus:g}; lower train.workers, "
+                          f"train.cpus_per_worker or trainable_cpus")
+    limit = int((cpus + 1e-9) // (per_trial + DATA_CPUS))
+    if t.use_gpu:
+        if t.workers > gpus:
+            raise ConfigError(f"train.use_gpu: a trial's {t.workers} worker(s) need {t.workers} GPUs, the cluster "
+                              f"has {gpus:g}")
+        limit = min(limit, int(gpus // t.workers))
+    return max(1, min(max_concurrent or limit, limit))

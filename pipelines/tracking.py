@@ -1,38 +1,47 @@
-"""MLflow tracking helpers (runs from the driver / rank 0 only). Default URI ``sqlite:///mlflow.db``; any MLflow
-server by URI."""
+"""Every MLflow call of the project (from the driver or rank 0 only), through one client per tracking URI — no
+global MLflow state, no private MLflow helper. Default URI ``sqlite:///mlflow.db``; any MLflow server by URI.
+
+A run that a later invocation must find again (a training run that continues, a sweep that resumes, a workflow run
+again) carries a key tag: :meth:`Tracker.keyed_run` is the one find-or-create of a run by its key.
+"""
 from __future__ import annotations
 
+import io
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from mlflow.entities import Metric, Param, Run
+from mlflow.tracking import MlflowClient
+from PIL import Image
 
-def log_manifest(manifest: dict[str, Any], *, uri: str, experiment: str = "pgseg-data",
-                 run_name: str = "download", params: dict[str, Any] | None = None) -> str:
-    """One MLflow run for a download: the manifest's figures as metrics, the manifest itself as an artifact."""
-    import mlflow
+from pgseg.evaluate import ClassificationResult, EvalResult
+from pgseg.visualize import grid
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        if params:
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        metrics = {"samples": manifest["samples"], "attempted": manifest["attempted"],
-                   "success_rate": manifest["success_rate"], "shards": manifest["num_shards"]}
-        metrics.update({f"failures.{k.replace(':', '_').replace(' ', '_')[:200]}": v
-                        for k, v in manifest["failures"].items()})
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict(manifest, "manifest.json")
-        return run.info.run_id
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+RUN_KEY_TAG = "pgseg.run_key"  # a training run: its storage folder and name
 
 
-# ------------------------------------------------------------------------------------------------ training runs
-RUN_KEY_TAG = "pgseg.run_key"
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use: the configured one, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``;
+    a relative sqlite path made absolute, so Ray workers with another working folder find the same file."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
     """The commit of the checkout holding this code (None outside a git checkout or without git)."""
-    import subprocess
-
     root = Path(path) if path else Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -41,70 +50,100 @@ def git_commit(path: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+class Tracker:
+    """One tracking server (``uri`` resolved by :func:`resolve_uri`)."""
+
+    def __init__(self, uri: str | None):
+        self.uri = resolve_uri(uri)
+        self.client = MlflowClient(self.uri)
+
+    # ------------------------------------------------------------------------------------------------ runs
+    def experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment is not None else self.client.create_experiment(name)
+
+    def create_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                   params: dict[str, Any] | None = None) -> str:
+        """A new run with ``tags``, the commit of this checkout and ``params`` (in batches: MLflow takes at most
+        100 per call). Returns its id."""
+        commit = git_commit()
+        run_id = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags={
+            **(tags or {}), **({"mlflow.source.git.commit": commit} if commit else {})}).info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in sorted((params or {}).items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+        return run_id
+
+    def keyed_run(self, experiment: str, tag: str, key: str, run_name: str, *, tags: dict[str, str] | None = None,
+                  params: dict[str, Any] | None = None, resume: bool = True) -> tuple[str, bool]:
+        """The run whose ``tag`` is ``key``: found again and marked running when ``resume``; else (or when there
+        is none) a new one, and older runs of the key lose it (and end, if they were left running). Returns
+        (run id, whether it was found again)."""
+        found = self.client.search_runs([self.experiment_id(experiment)], filter_string=f"tags.`{tag}` = '{key}'")
+        if found and resume:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id, True
+        for old in found:
+            self.client.set_tag(old.info.run_id, tag, f"{key} (started over)")
+            if old.info.status == "RUNNING":
+                self.client.set_terminated(old.info.run_id, "KILLED")
+        return self.create_run(experiment, run_name, {**(tags or {}), tag: key}, params), False
+
+    def children(self, experiment: str, parent: str) -> list[Run]:
+        exp = self.client.get_experiment_by_name(experiment)
+        return self.client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.client.delete_tag(run_id, key)
+
+    def end(self, run_id: str, status: str, tags: dict[str, str] | None = None,
+            artifacts: list[str | Path] = ()) -> None:
+        self.set_tags(run_id, tags or {})
+        for path in artifacts:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, status)
+
+    # ------------------------------------------------------------------------------------------------ content
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_dict(self, run_id: str, value: Any, path: str) -> None:
+        self.client.log_dict(run_id, value, path)
+
+    def log_table(self, run_id: str, table: list[dict[str, Any]] | dict[str, list[Any]], path: str) -> None:
+        self.client.log_table(run_id, pd.DataFrame(table), path)
+
+    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
+
+    def log_image(self, run_id: str, image: Image.Image, path: str) -> None:
+        self.client.log_image(run_id, image, path)
 
 
-def resolve_uri(uri: str | None) -> str:
-    """The tracking URI to use: the configured one, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``;
-    a relative sqlite path made absolute, so Ray workers with another working folder find the same file."""
-    import os
-
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def _experiment_id(client: Any, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
-
-
-def create_run(client: Any, exp_id: str, run_name: str, tags: dict[str, str],
-               params: dict[str, Any] | None = None) -> str:
-    """A new MLflow run with ``tags``, the commit of this checkout and ``params`` (in batches: MLflow takes at most
-    100 per call). Returns its id."""
-    from mlflow.entities import Param
-
-    commit = git_commit()
-    run_id = client.create_run(exp_id, run_name=run_name, tags={
-        **tags, **({"mlflow.source.git.commit": commit} if commit else {})}).info.run_id
-    items = [Param(k, str(v)[:6000]) for k, v in sorted((params or {}).items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
-    return run_id
-
-
+# ------------------------------------------------------------------------------------------------ training runs
 def start_training_run(uri: str, experiment: str, run_name: str, run_key: str, params: dict[str, Any],
                        config_yaml: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The MLflow run of a training run: found again by its key (storage folder + name) when the run continues,
     created otherwise with the flattened config as params, ``tags`` (e.g. ``mlflow.parentRunId``) and the resolved
     config as an artifact. Returns (run id, whether it was resumed)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp_id = _experiment_id(client, experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id, True
-    run_id = create_run(client, exp_id, run_name, {**(tags or {}), RUN_KEY_TAG: run_key}, params)
-    client.log_text(run_id, config_yaml, "config.yaml")
-    return run_id, False
+    tracker = Tracker(uri)
+    run_id, resumed = tracker.keyed_run(experiment, RUN_KEY_TAG, run_key, run_name, tags=tags, params=params)
+    if not resumed:
+        tracker.log_text(run_id, config_yaml, "config.yaml")
+    return run_id, resumed
 
 
 def finish_training_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None,
                         artifacts: list[str | Path] = ()) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    for key, value in (tags or {}).items():
-        client.set_tag(run_id, key, value)
-    for path in artifacts:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status)
+    Tracker(uri).end(run_id, status, tags, artifacts)
 
 
 class MetricLogger:
@@ -112,20 +151,13 @@ class MetricLogger:
     the run already holds are not logged again (one value per step on every curve)."""
 
     def __init__(self, uri: str, run_id: str, flush_every: int = 10, watch: str = "loss"):
-        from mlflow.tracking import MlflowClient
-
         self.client, self.run_id, self.flush_every = MlflowClient(uri), run_id, flush_every
         history = self.client.get_metric_history(run_id, watch)
         self.floor = max((m.step for m in history), default=-1)  # steps <= floor are already logged
-        self.buffer: list[Any] = []
+        self.buffer: list[Metric] = []
         self.errors = 0
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        import math
-        import time
-
-        from mlflow.entities import Metric
-
         if step <= self.floor:
             return
         now = int(time.time() * 1000)
@@ -134,12 +166,65 @@ class MetricLogger:
             self.flush()
 
     def flush(self) -> None:
-        import logging
-
         while self.buffer:
             chunk, self.buffer = self.buffer[:1000], self.buffer[1000:]
             try:
                 self.client.log_batch(self.run_id, metrics=chunk)
             except Exception as exc:  # noqa: BLE001 - tracking must not kill training; counted and reported
                 self.errors += 1
-                logging.getLogger(__name__).warning("MLflow: %d metric values not logged (%s)", len(chunk), exc)
+                log.warning("MLflow: %d metric values not logged (%s)", len(chunk), exc)
+
+
+# ------------------------------------------------------------------------------------------------ data and evaluation
+def log_manifest(manifest: dict[str, Any], *, uri: str, experiment: str = "pgseg-data",
+                 run_name: str = "download", params: dict[str, Any] | None = None) -> str:
+    """One MLflow run for a download: the manifest's figures as metrics, the manifest itself as an artifact."""
+    tracker = Tracker(uri)
+    run_id = tracker.create_run(experiment, run_name, params={k: str(v)[:500] for k, v in (params or {}).items()})
+    metrics = {"samples": manifest["samples"], "attempted": manifest["attempted"],
+               "success_rate": manifest["success_rate"], "shards": manifest["num_shards"]}
+    metrics.update({f"failures.{k.replace(':', '_').replace(' ', '_')[:200]}": v
+                    for k, v in manifest["failures"].items()})
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_dict(run_id, manifest, "manifest.json")
+    tracker.end(run_id, "FINISHED")
+    return run_id
+
+
+def log_eval(result: EvalResult, uri: str, *, run_id: str | None = None, experiment: str = "pgseg-eval",
+             run_name: str | None = None, step: int | None = None) -> str:
+    """mIoU / mAcc / aAcc, the per-class table (log_table, and a Markdown copy), the settings and a grid of
+    overlays; into ``run_id`` (e.g. the training run), or a new run of its own (ended when logged)."""
+    tracker = Tracker(uri)
+    own = run_id is None
+    if run_id is None:
+        run_id = tracker.create_run(experiment, run_name or f"eval-{result.dataset}")
+    name, s = result.dataset, result.scores
+    metrics = {f"eval/{name}/mIoU": s.miou, f"eval/{name}/mAcc": s.macc, f"eval/{name}/aAcc": s.aacc}
+    if not math.isnan(result.baseline_miou):
+        metrics[f"eval/{name}/all_background_mIoU"] = result.baseline_miou
+    tracker.log_metrics(run_id, metrics, step or 0)
+    rows = s.table()
+    tracker.log_table(run_id, {"class": [r["class"] for r in rows], "iou": [r["iou"] for r in rows],
+                               "accuracy": [r["accuracy"] for r in rows]}, f"eval/{name}_iou.json")
+    tracker.log_text(run_id, result.table_text(), f"eval/{name}_iou.md")
+    tracker.log_dict(run_id, {**asdict(result.settings), "images": result.images}, f"eval/{name}_settings.json")
+    if result.overlays:
+        pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in result.overlays]
+        tracker.log_image(run_id, grid(pictures), f"eval/{name}_overlays.png")
+    if own:
+        tracker.end(run_id, "FINISHED")
+    return run_id
+
+
+def log_classification(result: ClassificationResult, uri: str, *, run_id: str | None = None,
+                       experiment: str = "pgseg-eval") -> str:
+    tracker = Tracker(uri)
+    own = run_id is None
+    if run_id is None:
+        run_id = tracker.create_run(experiment, f"eval-{result.dataset}")
+    tracker.log_metrics(run_id, {f"eval/{result.dataset}/top1": result.top1, f"eval/{result.dataset}/top5": result.top5})
+    tracker.log_text(run_id, result.table_text(), f"eval/{result.dataset}_classification.txt")
+    if own:
+        tracker.end(run_id, "FINISHED")
+    return run_id

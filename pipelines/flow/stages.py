@@ -1,0 +1,167 @@
+"""The four stages of a workflow, each a function of the run's context returning its manifest record: sources
+(the shapes world or url lists), download (img2dataset into shards), train (Ray Train) and evaluate (Ray Data)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pgseg.config import Config, to_dict
+from pgseg.datasets import open_dataset
+from pgseg.fileio import atomic_write_bytes, atomic_write_json
+from pgseg.segment import ProtocolSettings, background_threshold
+from pipelines.data.download import download
+from pipelines.data.shapes_world import ShapesWorld, download_world, write_train_images, write_voc_val
+from pipelines.data.sources import build_url_list
+from pipelines.digest import file_digest, tree_digest, value_digest
+from pipelines.evaluate import evaluate
+from pipelines.flow.experiment import Experiment, training_config
+from pipelines.flow.manifest import StageRecord
+from pipelines.runtime import start_ray
+from pipelines.tracking import Tracker, log_eval, log_manifest
+from pipelines.train import BEST_MODEL_FILE, TrainingError, fit, plan_training
+
+
+@dataclass
+class Context:
+    experiment: Experiment
+    root: Path
+    tracker: Tracker | None  # None without tracking
+    workflow_run: str | None
+    records: dict[str, StageRecord] = field(default_factory=dict)
+    ray_started: bool = False
+    printer: Callable[[str], None] = print
+    train_config: Config | None = None  # the resolved training config, made once per run
+
+    def ray(self) -> None:
+        if not self.ray_started:
+            start_ray(self.experiment.address)
+            self.ray_started = True
+
+    def link_child(self, run_id: str) -> None:
+        """The stage's MLflow run becomes a child of the workflow's."""
+        if self.workflow_run and run_id != self.workflow_run:
+            self.tracker.set_tags(run_id, {"mlflow.parentRunId": self.workflow_run})
+
+
+def stage_sources(ctx: Context) -> StageRecord:
+    section = ctx.experiment.sources
+    if section.shapes is not None:
+        shapes = section.shapes
+        world = ShapesWorld(**shapes.world)
+        out = ctx.root / "shapes"
+        rows = write_train_images(world, out / "www", shapes.train_images)
+        atomic_write_json(out / "rows.json", rows)
+        atomic_write_bytes(out / "nouns.txt", ("\n".join(world.classes) + "\n").encode())
+        write_voc_val(world, out / "val", shapes.val_images, "val")
+        outputs = {"www": str(out / "www"), "rows": str(out / "rows.json"), "val": str(out / "val"),
+                   "nouns": str(out / "nouns.txt")}
+        if shapes.dev_images:
+            write_voc_val(world, out / "dev", shapes.dev_images, "dev")
+            outputs["dev"] = str(out / "dev")
+        ctx.printer(f"sources: shapes world of {len(world.classes)} classes ({', '.join(world.classes)}): "
+                    f"{shapes.train_images} training pairs, {shapes.val_images} val, {shapes.dev_images} dev images")
+        return StageRecord("sources", "", value_digest([tree_digest(out / "www"), file_digest(out / "rows.json"),
+                                                 tree_digest(out / "val")]), outputs, 0.0)
+    ctx.ray()
+    report = build_url_list(section.specs, ctx.root / "urls", seed=section.seed, rows_per_part=section.rows_per_part)
+    ctx.printer(report.text())
+    return StageRecord("sources", "", file_digest(ctx.root / "urls" / "sources_report.json"),
+                       {"url_list": str(ctx.root / "urls")}, 0.0, metrics={"url_rows": float(report.total["written"])})
+
+
+def stage_download(ctx: Context) -> StageRecord:
+    spec = ctx.experiment.download
+    shards = ctx.root / "shards"
+    previous = ctx.records.get("sources")
+    if spec.distributor == "ray":
+        ctx.ray()
+    if previous is not None and "rows" in previous.outputs:  # the shapes world: served on 127.0.0.1
+        rows = json.loads(Path(previous.outputs["rows"]).read_text())
+        manifest = download_world(previous.outputs["www"], rows, ctx.root / "urls", shards, spec,
+                                  ctx.experiment.sources.shapes.serve)
+    else:
+        url_list = previous.outputs["url_list"] if previous is not None else ctx.experiment.url_list
+        manifest = download(url_list, shards, spec)
+    run_id = None
+    if ctx.tracker:
+        run_id = log_manifest(manifest, uri=ctx.tracker.uri, experiment=ctx.experiment.tracking.experiment,
+                              run_name=f"{ctx.experiment.name}-download", params={"output": str(shards)})
+        ctx.link_child(run_id)
+    ctx.printer(f"download: {manifest['samples']} of {manifest['attempted']} samples in {manifest['num_shards']} "
+                f"shard(s) at {shards}")
+    digest = value_digest([(s["tar"], s["samples"]) for s in manifest["shards"]] + [tree_digest(shards)])
+    return StageRecord("download", "", digest, {"shards": str(shards)}, 0.0, run_id,
+                       {"samples": float(manifest["samples"]), "success_rate": float(manifest["success_rate"])})
+
+
+def stage_train(ctx: Context) -> StageRecord:
+    config = ctx.train_config
+    plan = plan_training(config)
+    ctx.ray()
+    result = fit(plan)  # checks the cluster's resources first
+    if result.run_id:
+        ctx.link_child(result.run_id)
+    if not result.finished or not result.model_file:
+        raise TrainingError(f"training stopped at step {result.step} of {result.total_steps}; run the workflow "
+                            f"again to continue it")
+    outputs = {"model": result.model_file}
+    best = Path(result.model_file).with_name(BEST_MODEL_FILE)
+    if best.is_file():
+        outputs["best_model"] = str(best)
+    ctx.printer(f"train: {result.step} steps, model at {result.model_file}"
+                + (f", best (by {config.eval.datasets[0]}) at {best}" if best.is_file() else ""))
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float)) and k.startswith("eval/")}
+    return StageRecord("train", "", value_digest([file_digest(p) for p in outputs.values()]), outputs, 0.0, result.run_id,
+                       metrics)
+
+
+def stage_evaluate(ctx: Context) -> StageRecord:
+    section = ctx.experiment.evaluate
+    train = ctx.records["train"]
+    model = train.outputs.get("best_model") if section.model == "best" else None
+    model = model or train.outputs["model"]
+    e = ctx.train_config.eval
+    out = ctx.root / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = []
+    for spec in section.datasets:
+        spec = spec.replace("{workdir}", str(ctx.root))
+        if spec == "shapes":
+            spec = f"voc:{ctx.records['sources'].outputs['val']}"
+        datasets.append(open_dataset(spec))  # all checked before the first one runs
+    ctx.ray()
+    results, metrics = {}, {}
+    for dataset in datasets:
+        settings = ProtocolSettings.of(e, background_threshold(section.bg_thresh, e, dataset.bg_thresh))
+        result = evaluate(model, dataset, settings, actors=section.actors, use_gpu=section.use_gpu,
+                          true_labels=section.true_labels,
+                          overlays=section.overlays)
+        ctx.printer(result.table_text())
+        if result.hint():
+            ctx.printer(f"hint: {result.hint()}")
+        result.write(out)  # table, figures and overlays (image | ground truth | prediction)
+        if ctx.tracker and train.run_id:
+            log_eval(result, ctx.tracker.uri, run_id=train.run_id)
+        results[dataset.name] = {**result.figures(), "model": model}
+        metrics[f"eval/{dataset.name}/mIoU"] = result.scores.miou
+        metrics[f"eval/{dataset.name}/all_background_mIoU"] = result.baseline_miou
+    atomic_write_json(out / "results.json", results)
+    return StageRecord("evaluate", "", file_digest(out / "results.json"), {"results": str(out / "results.json")}, 0.0,
+                       train.run_id, metrics)
+
+
+RUNNERS: dict[str, Callable[[Context], StageRecord]] = {
+    "sources": stage_sources, "download": stage_download, "train": stage_train, "evaluate": stage_evaluate}
+
+
+def stage_section(experiment: Experiment, stage: str, train_config: Config | None = None) -> Any:
+    """What a stage's input hash covers of the experiment (besides the digests of the stages before it)."""
+    if stage == "train":
+        return to_dict(train_config or training_config(experiment))
+    value = getattr(experiment, stage)
+    section = to_dict(value) if hasattr(value, "__dataclass_fields__") else value
+    if stage == "download":
+        return {"spec": section, "url_list": experiment.url_list}
+    return section

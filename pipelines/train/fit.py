@@ -1,0 +1,113 @@
+"""``fit``: one training run on the attached Ray cluster — a ``TorchTrainer`` over the ingest's dataset, DDP
+(gloo on CPU, NCCL on GPU), checkpoints through ``ray.train.report``, resume by run name, worker restarts from the
+latest checkpoint, metrics from rank 0 into one MLflow run, and the final model exported in our format."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pgseg.config import dump_config, flatten, to_dict
+from pgseg.train import export_model
+from pipelines.data.ingest import Ingest
+from pipelines.rendezvous import torch_config
+from pipelines.runtime import check_resources, cluster_resources, on_loopback, train_log_level
+from pipelines.tracking import finish_training_run, resolve_uri, start_training_run
+from pipelines.train.faults import FAULT_ENV, parse_faults
+from pipelines.train.loop import LoopSettings, train_loop_per_worker
+from pipelines.train.plan import Plan, TrainingError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"  # the final model, in our format (pgseg.checkpoint.load_model reads it)
+BEST_MODEL_FILE = "model_best.safetensors"  # the model with the best eval.datasets[0] mIoU during training
+
+
+@dataclass
+class TrainResult:
+    name: str
+    step: int
+    total_steps: int
+    finished: bool
+    checkpoint: str | None  # the latest checkpoint's path or URI
+    model_file: str | None  # the final model in our format (local storage)
+    run_id: str | None  # the MLflow run
+    metrics: dict[str, Any]
+
+
+def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags: dict[str, str] | None = None,
+        run_params: dict[str, Any] | None = None) -> TrainResult:
+    """Train on the attached Ray cluster. ``dataset`` replaces the ingest of ``data.shards`` (a Ray dataset with
+    ``image`` [3, S, S] float32 and ``tokens`` int64 columns); ``callbacks`` are Ray Train callbacks (a sweep's
+    ``TuneReportCallback``); ``run_tags`` and ``run_params`` go on a new MLflow run besides the config."""
+    config, t = plan.config, plan.config.train
+    check_resources(config, *cluster_resources())
+    counter = None
+    if dataset is None:
+        ingest = Ingest(plan.shards, config.data.img_size, config.model.text.context_length, config.data.min_scale,
+                        config.data.weights, config.data.seed, train=config.data.augment,
+                        multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
+                        deterministic=t.deterministic)
+        dataset, counter = ingest.dataset(0), ingest.counter
+    uri = resolve_uri(config.tracking.uri)
+    run_id = None
+    if config.tracking.enabled:
+        params = {**flatten(to_dict(config)), "run.name": plan.name, "run.steps_per_epoch": plan.steps_per_epoch,
+                  "run.total_steps": plan.total_steps, "run.samples_per_epoch": plan.samples_per_epoch,
+                  **(run_params or {})}
+        run_id, resumed = start_training_run(uri, config.tracking.experiment, config.tracking.run_name or plan.name,
+                                             plan.run_key, params, dump_config(config), run_tags)
+        log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
+    marker_dir = plan.local_run_dir or Path(tempfile.gettempdir()) / "pgseg-faults" / plan.name
+    faults = os.environ.get(FAULT_ENV)
+    parse_faults(faults)  # a malformed drill fails here, not in the workers
+    loop = LoopSettings(config, plan.steps_per_epoch, plan.total_steps, run_id, uri, counter, faults,
+                        str(marker_dir / ".faults"),
+                        str(plan.local_run_dir / BEST_MODEL_FILE) if plan.local_run_dir else None)
+    extra = {}
+    if t.deterministic:
+        extra["dataset_config"] = ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop, datasets={"train": dataset},
+        torch_config=torch_config(on_loopback()), **extra,
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             logging_config=LoggingConfig(log_level=train_log_level())))
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        if run_id:
+            finish_training_run(uri, run_id, "FAILED", {"pgseg.error": str(exc)[:5000]})
+        raise TrainingError(f"training run {plan.name!r} failed: {exc}") from exc
+    metrics = dict(result.metrics or {})
+    step = int(metrics.get("step", 0))
+    if "stopped" in metrics:
+        if run_id:
+            finish_training_run(uri, run_id, "FAILED", {"pgseg.error": metrics["stopped"]})
+        raise TrainingError(f"training run {plan.name!r} stopped: {metrics['stopped']} (train.nonfinite=stop); "
+                            f"the latest checkpoint is kept")
+    finished = step >= plan.total_steps
+    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+    model_file = None
+    if finished and result.checkpoint is not None:
+        target = (plan.local_run_dir or Path(tempfile.mkdtemp(prefix="pgseg-model-"))) / MODEL_FILE
+        with result.checkpoint.as_directory() as folder:
+            model_file = str(export_model(folder, config, target))
+    if run_id:
+        artifacts = [model_file] if model_file and config.tracking.log_model else []
+        state = "finished" if finished else f"paused at step {step} (run again with train.name={plan.name} to continue)"
+        finish_training_run(uri, run_id, "FINISHED" if finished else "KILLED",
+                            {"pgseg.checkpoint": str(ckpt_path), "pgseg.step": str(step), "pgseg.state": state},
+                            artifacts)
+    return TrainResult(plan.name, step, plan.total_steps, finished, ckpt_path, model_file, run_id, metrics)
