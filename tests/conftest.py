@@ -46,7 +46,7 @@ def fixture_dir() -> Path:
 @pytest.fixture(scope="session")
 def released_model(fixture_dir):
     """The fixture's released-layout checkpoint converted into our official-mode model, in eval mode (float32)."""
-    from jobs.convert import convert_checkpoint
+    from pgseg.checkpoint import convert_checkpoint
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model, _, report = convert_checkpoint(fixture_dir / "released_layout_small.pth", "pgseg-official")
@@ -128,8 +128,8 @@ def mlflow_server(tmp_path_factory):
 def shapes_data(tmp_path_factory):
     """The shapes world made the product's way: images written, listed as file:// URLs, downloaded into webdataset
     shards by img2dataset (with a manifest); plus its VOC-format validation set."""
-    from pipelines.download import DownloadSpec, download
-    from pipelines.shapes_world import ShapesWorld, write_train_images, write_url_list, write_voc_val
+    from pipelines.data.download import DownloadSpec, download
+    from pipelines.data.shapes_world import ShapesWorld, write_train_images, write_url_list, write_voc_val
 
     root = tmp_path_factory.mktemp("shapes")
     world = ShapesWorld(num_classes=4, image_size=64, seed=1)

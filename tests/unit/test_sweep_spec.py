@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write(tmp_path: Path, **spec) -> Path:
@@ -16,11 +16,11 @@ def _write(tmp_path: Path, **spec) -> Path:
 
 
 def test_grid_and_variants_expand_to_trials(tmp_path):
-    from pipelines.sweep import load_sweep
+    from pipelines.tune import load_sweep
 
     spec = load_sweep(_write(tmp_path, space={"npr.phi": {"grid": [0.1, 0.3]}, "optim.lr": {"loguniform": [1e-4, 1e-2]}},
                              variants=[{"name": "a", "set": {"npr.hrs": False}}, {"name": "b", "set": {}}]))
-    trials = spec.trial_overrides()
+    trials = spec.trial_values()
     assert [label for label, _ in trials] == ["a npr.phi=0.1", "a npr.phi=0.3", "b npr.phi=0.1", "b npr.phi=0.3"]
     assert trials[1][1] == {"npr.hrs": False, "npr.phi": 0.3}
 
@@ -38,7 +38,7 @@ def test_grid_and_variants_expand_to_trials(tmp_path):
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, spec, message):
     from pgseg.config import ConfigError
-    from pipelines.sweep import load_sweep
+    from pipelines.tune import load_sweep
 
     with pytest.raises(ConfigError) as err:
         load_sweep(_write(tmp_path, **spec))
@@ -46,10 +46,10 @@ def test_bad_sweep_files_name_the_key(tmp_path, spec, message):
 
 
 def test_ready_sweep_files_load():
-    from pipelines.sweep import load_sweep
+    from pipelines.tune import load_sweep
 
     files = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
     assert files
     for path in files:
         spec = load_sweep(path)
-        assert spec.trial_overrides()
+        assert spec.trial_values()

@@ -6,7 +6,7 @@ import zipfile
 import pandas as pd
 import pytest
 
-from pipelines.sources import RULES, SourceSpec, build_url_list, clean_yfcc_caption
+from pipelines.data.sources import RULES, SourceSpec, build_url_list, clean_yfcc_caption
 
 
 def _read(out):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pgseg.config import ConfigError, load_config
-from pipelines.train import (STATE_FILE, TrainingError, build_optimizer, check_resources, fit, learning_rate,
-                             parameter_groups, parse_faults, plan_training)
+from pgseg.train import STATE_FILE, TrainStep, build_optimizer, learning_rate, parameter_groups
+from pipelines.runtime import check_resources
+from pipelines.train import TrainingError, fit, parse_faults, plan_training
 
 BASE = ["data.batch_size=16", "schedule.epochs=1", "schedule.warmup_epochs=0.25", "train.cpus_per_worker=0.5",
         "tracking.log_every=1", "train.checkpoint_every=4"]
@@ -203,10 +204,8 @@ def _batch(config, b=8):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_update_the_model(precision):
-    from pipelines.train import Stepper
-
     config = load_config("tiny", [f"train.precision={precision}"])
-    stepper = Stepper(config, steps_per_epoch=10, device=torch.device("cpu"))
+    stepper = TrainStep(config, steps_per_epoch=10, device=torch.device("cpu"))
     before = {k: v.clone() for k, v in stepper.model.state_dict().items()}
     batch = _batch(config)
     for step in range(30):  # fp16: the GradScaler starts at 2^16 and halves until the gradients fit
@@ -225,9 +224,7 @@ def test_official_recipe_starts_from_either_groupvit_release_layout(tmp_path, la
     """The training step of `pgseg train --config official` (its optimiser, schedule and NPR settings, at the tiny
     architecture) initialised from a file in each layout of GroupViT's released checkpoints."""
     from pgseg.config.load import load_raw
-    from pipelines.train import Stepper
-
-    from test_checkpoint import groupvit_release_file
+    from released_files import groupvit_release_file
 
     tiny = load_raw("tiny")
     state = groupvit_release_file(tmp_path / f"{layout}.pth", layout)
@@ -235,7 +232,7 @@ def test_official_recipe_starts_from_either_groupvit_release_layout(tmp_path, la
         f"data.img_size={tiny['data']['img_size']}", "train.workers=1", "train.use_gpu=false", "train.precision=fp32",
         f"train.init_from={tmp_path / f'{layout}.pth'}"])
     assert config.npr.mode == "official" and config.loss.multi_label == 0
-    stepper = Stepper(config, steps_per_epoch=10, device=torch.device("cpu"))
+    stepper = TrainStep(config, steps_per_epoch=10, device=torch.device("cpu"))
     ours = stepper.model.state_dict()
     shared = [k for k in state if k in ours]
     assert len(shared) == len(state) - (layout == "gcc_yfcc_30e")  # all but the multi-label temperature

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from test_train_job import ray_head  # noqa: F401 - the fixture: a `ray start --head` cluster on 127.0.0.1
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _base(tmp_path: Path, shapes_data: dict, uri: str | None, *, steps: int, experiment: str = "sweep-test") -> Path:
@@ -52,7 +52,7 @@ def _summary(client, run_id: str) -> list[dict]:
 def test_two_trial_grid_logs_children_and_a_summary_with_deltas(ray_local, shapes_data, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.sweep import load_sweep, run_sweep
+    from pipelines.tune import load_sweep, run_sweep
 
     base = _base(tmp_path, shapes_data, mlflow_server, steps=8)
     spec = load_sweep(_sweep(tmp_path, "grid", base, metric="eval/val/mIoU", space={"train.seed": {"grid": [0, 1]}}))
@@ -97,7 +97,7 @@ def test_two_trial_grid_logs_children_and_a_summary_with_deltas(ray_local, shape
 def test_asha_stops_a_diverging_trial_early(ray_local, shapes_data, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.sweep import load_sweep, run_sweep
+    from pipelines.tune import load_sweep, run_sweep
 
     base = _base(tmp_path, shapes_data, mlflow_server, steps=16, experiment="sweep-asha")
     # lr 1e4 diverges at once; non-finite steps are skipped (train.nonfinite=skip), so only the scheduler stops it
@@ -197,7 +197,7 @@ def test_bad_sweep_fails_before_any_trial(ray_local, shapes_data, tmp_path, spec
 
 
 def test_summary_deltas_follow_the_baseline_variant_at_the_same_grid_point(tmp_path):
-    from pipelines.sweep import TrialRow, load_sweep, markdown, summary_table
+    from pipelines.tune import TrialRow, load_sweep, markdown, summary_table
 
     spec = load_sweep(_sweep(tmp_path, "t", Path("tiny"), space={"npr.phi": {"grid": [0.1, 0.3]}},
                              variants=[{"name": "off", "set": {"npr.hrs": False}}, {"name": "on", "set": {}}],

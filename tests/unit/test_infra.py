@@ -9,7 +9,7 @@ import yaml
 
 from conftest import REPO
 from pgseg.config import load_config
-from pipelines.train import check_resources
+from pipelines.runtime import check_resources
 
 
 def _docs(path):

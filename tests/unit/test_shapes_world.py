@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.shapes_world import ShapesWorld, write_train_images, write_voc_val
+from pipelines.data.shapes_world import ShapesWorld, write_train_images, write_voc_val
 
 
 def _colour_pixels(image: Image.Image, background: np.ndarray) -> np.ndarray:
@@ -62,7 +62,7 @@ def test_bad_parameters(kwargs, message):
 
 
 def test_voc_palette_is_the_standard_one():
-    from pipelines.shapes_world import VOC_PALETTE
+    from pipelines.data.shapes_world import VOC_PALETTE
 
     colour = {i: tuple(VOC_PALETTE[3 * i:3 * i + 3]) for i in range(256)}
     assert colour[0] == (0, 0, 0) and colour[1] == (128, 0, 0) and colour[15] == (192, 128, 128)  # person

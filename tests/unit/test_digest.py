@@ -2,7 +2,7 @@
 import pandas as pd
 
 from pipelines.digest import file_digest, tree_digest, url_key, value_digest
-from pipelines.shapes_world import write_url_list
+from pipelines.data.shapes_world import write_url_list
 
 
 def test_value_digest_ignores_key_order_and_sees_every_value():

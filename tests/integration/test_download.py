@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.download import DownloadSpec, download, read_manifest
-from pipelines.serve import QuietHandler, serve_directory
-from pipelines.shapes_world import ShapesWorld, write_train_images, write_url_list
+from pipelines.data.download import DownloadSpec, download, read_manifest
+from pipelines.data.file_server import QuietHandler, serve_directory
+from pipelines.data.shapes_world import ShapesWorld, write_train_images, write_url_list
 
 from conftest import REPO
 
@@ -167,7 +167,7 @@ MULTI_NODE = """
 import sys
 import ray
 from ray.cluster_utils import Cluster
-from pipelines.download import DownloadSpec, download
+from pipelines.data.download import DownloadSpec, download
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pgseg import datasets
-from pipelines.shapes_world import VOC_PALETTE
+from pipelines.data.shapes_world import VOC_PALETTE
 
 
 def _jpg(path, h=6, w=8):

@@ -134,7 +134,7 @@ def test_upscaled_labels_are_nearest_neighbour_and_areas_count_every_pixel():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bg-thresh", "7"], "bg_thresh must be in [0, 1]"),
+    (["--bg-thresh", "7"], "bg_thresh: must be in [0, 1]"),
     (["--device", "gpu"], "not a device"),
     (["--device", "cuda:0"], "no CUDA GPU"),
     (["--max-pixels", "0"], "--max-pixels must be >= 1"),
@@ -215,7 +215,7 @@ def test_a_model_whose_tensors_do_not_match_its_config_is_a_message(model_file, 
 def test_protocol_window_must_be_positive():
     from pgseg.segment import ProtocolSettings
 
-    with pytest.raises(ValueError, match="window must be >= 1"):
+    with pytest.raises(ValueError, match="window: must be >= 1"):
         ProtocolSettings(window=0, stride=0)
 
 

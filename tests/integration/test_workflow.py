@@ -37,7 +37,8 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
                                                                          monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.workflow import WorkflowError, load_experiment, read_record, run_workflow
+    from pipelines.flow import WorkflowError, load_experiment, run_workflow
+    from pipelines.flow.manifest import read_record
 
     experiment = load_experiment(_experiment(tmp_path, mlflow_server))
     root = experiment.root
@@ -88,7 +89,8 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
 def test_a_changed_section_reruns_that_stage_and_the_ones_after(tmp_path):
     """Input hashes: changing the evaluate section changes only its hash; changing download's changes download's
     and (through the digests chain at run time) everything after it."""
-    from pipelines.workflow import load_experiment, stage_section
+    from pipelines.flow import load_experiment
+    from pipelines.flow.stages import stage_section
 
     path = _experiment(tmp_path, None)
     base = load_experiment(path)
@@ -108,7 +110,7 @@ def test_a_changed_section_reruns_that_stage_and_the_ones_after(tmp_path):
 ])
 def test_experiment_errors_name_the_key_before_anything_runs(tmp_path, override, message):
     from pgseg.config import ConfigError
-    from pipelines.workflow import load_experiment
+    from pipelines.flow import load_experiment
 
     path = _experiment(tmp_path, None)
     with pytest.raises(ConfigError) as err:
@@ -128,9 +130,9 @@ def test_cli_reports_a_bad_experiment_with_exit_2(tmp_path, capsys):
 
 
 def test_ready_experiments_load():
-    from pipelines.workflow import load_experiment
+    from pipelines.flow import load_experiment
 
-    folder = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    folder = Path(__file__).resolve().parents[2] / "configs" / "experiments"
     names = sorted(p.stem for p in folder.glob("*.yaml"))
     assert {"quickstart", "paper_cc12m", "paper_cc12m_redcaps", "official_groupvit_init"} <= set(names)
     for name in names:

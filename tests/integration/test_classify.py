@@ -50,7 +50,7 @@ def test_class_name_files(tmp_path):
 @pytest.fixture(scope="module")
 def single_shapes(tmp_path_factory):
     """Single-object shapes-world images as a class-folder tree and as one webdataset shard (jpg + cls)."""
-    from pipelines.shapes_world import ShapesWorld
+    from pipelines.data.shapes_world import ShapesWorld
 
     root = tmp_path_factory.mktemp("classify")
     world = ShapesWorld(num_classes=4, image_size=64, max_objects=1, seed=5)

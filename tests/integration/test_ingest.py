@@ -5,8 +5,8 @@ import tarfile
 import pytest
 import torch
 
-from pipelines.ingest import Ingest, epoch_shards, shard_list
-from pipelines.shapes_world import ShapesWorld
+from pipelines.data.ingest import Ingest, epoch_shards, shard_list
+from pipelines.data.shapes_world import ShapesWorld
 
 
 def _jpeg(world, i):
@@ -77,8 +77,8 @@ def test_epoch_shard_order_is_seeded_and_weights_mix_sources():
 
 
 def test_epoch_size_from_the_manifest(tmp_path):
-    from pipelines.download import write_manifest
-    from pipelines.ingest import manifest_samples
+    from pipelines.data.download import write_manifest
+    from pipelines.data.ingest import manifest_samples
 
     write_manifest(tmp_path, {"shards": [{"tar": "00000.tar", "samples": 7, "attempted": 9}], "samples": 7})
     (tmp_path / "00000.tar").write_bytes(b"")

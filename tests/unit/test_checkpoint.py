@@ -12,39 +12,7 @@ from pgseg.config import load_config
 from pgseg.model import PGSeg
 
 from conftest import REPO
-
-
-def groupvit_release_file(path, layout: str, config_name: str = "tiny", overrides=()) -> dict:
-    """A file in the layout of one of GroupViT's released checkpoints, random tensors at this architecture:
-    ``gcc_yfcc_30e`` (trained with the multi-label loss: has its own ``multi_label_logit_scale``) or
-    ``gcc_redcap_30e`` (without); both with the entries a released file carries besides the weights (an
-    OmegaConf-like config object, apex state, optimizer, epoch). Returns the state_dict written."""
-    state = _released_layout_checkpoint(config_name, groupvit=True, overrides=overrides)
-    if layout == "gcc_yfcc_30e":
-        state["multi_label_logit_scale"] = torch.tensor(2.5)
-    elif layout != "gcc_redcap_30e":
-        raise ValueError(layout)
-    torch.save({"model": state, "config": OmegaLike(model={"type": "MultiLabelContrastive"}), "amp": _Apex(),
-                "optimizer": {"state": {}, "param_groups": []}, "epoch": 30}, path)
-    return state
-
-
-def _released_layout_checkpoint(config_name: str, *, groupvit: bool = False, overrides=()) -> dict:
-    """Random tensors in the released layout of this architecture (incl. the unused mapping_text, conv kernels)."""
-    model = PGSeg.from_config(load_config(config_name, ["npr.mode=official", *overrides]))
-    state = {}
-    for name, value in model.state_dict().items():
-        if groupvit and ("downsample_spatial" in name or name in ("img_encoder.logit_scale", "text_encoder.Atten.mu")):
-            continue
-        rand = torch.randn_like(value.float()).to(value.dtype) if value.is_floating_point() else value.clone()
-        if value.ndim == 2 and (".linear_hidden.0.weight" in name or ".linear_out.weight" in name):
-            rand = rand[..., None]  # the release's 1×1 Conv1d
-        state[name] = rand
-    if not groupvit:
-        dim = model.model_cfg.image.embed_dim
-        state["img_encoder.mapping_text.linear_hidden.0.weight"] = torch.randn(4096, dim, 1)
-        state["img_encoder.mapping_text.linear_out.weight"] = torch.randn(256, 4096, 1)
-    return state
+from released_files import Apex, OmegaLike, groupvit_release_file, released_layout_state
 
 
 class _Evil:
@@ -55,14 +23,10 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-class OmegaLike(dict):
-    """Stands for the OmegaConf config object the released files pickle."""
-
-
 def test_random_released_layout_converts_with_nothing_missing(tmp_path):
-    state = _released_layout_checkpoint("tiny")
+    state = released_layout_state("tiny")
     path = tmp_path / "released.pth"
-    torch.save({"model": state, "config": OmegaLike(lr=1.0), "amp": _Apex(), "epoch": 3}, path)
+    torch.save({"model": state, "config": OmegaLike(lr=1.0), "amp": Apex(), "epoch": 3}, path)
     model = PGSeg.from_config(load_config("tiny", ["npr.mode=official"]))
     report = load_released(model, path, "pgseg-official")
     assert report.ok and not report.missing and not report.unexpected
@@ -71,15 +35,8 @@ def test_random_released_layout_converts_with_nothing_missing(tmp_path):
     torch.testing.assert_close(model.text_encoder.Atten.mu, state["text_encoder.Atten.mu"])
 
 
-class _Apex:
-    """Stands for apex's amp state (an object torch's weights_only loader refuses)."""
-
-    def __init__(self):
-        self.loss_scale = 1024.0
-
-
 def test_groupvit_layout_loads_into_the_groupvit_part(tmp_path):
-    state = _released_layout_checkpoint("tiny", groupvit=True)
+    state = released_layout_state("tiny", groupvit=True)
     path = tmp_path / "groupvit.pth"
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)  # with a DDP prefix
     model = PGSeg.from_config(load_config("tiny", ["npr.mode=official"]))
@@ -96,7 +53,7 @@ def test_groupvit_layout_loads_into_the_groupvit_part(tmp_path):
 
 def test_wrong_architecture_fails_with_the_report(tmp_path):
     path = tmp_path / "released.pth"
-    torch.save({"model": _released_layout_checkpoint("tiny")}, path)
+    torch.save({"model": released_layout_state("tiny")}, path)
     other = PGSeg.from_config(load_config("tiny", ["model.image.embed_dim=32", "model.image.num_heads=[2,2,2]"]))
     with pytest.raises(CheckpointError, match="shape mismatch: [1-9]"):
         load_released(other, path)
@@ -121,7 +78,7 @@ def test_malicious_pickle_runs_nothing(tmp_path):
 
 
 def test_truncated_empty_and_foreign_files(tmp_path):
-    torch.save({"model": _released_layout_checkpoint("tiny"), "config": OmegaLike(lr=1.0)}, tmp_path / "good.pth")
+    torch.save({"model": released_layout_state("tiny"), "config": OmegaLike(lr=1.0)}, tmp_path / "good.pth")
     good = (tmp_path / "good.pth").read_bytes()
     cases = {"truncated.pth": good[: len(good) // 3], "empty.pth": b"", "text.pth": b"hello, I am not a model\n",
              "zip.pth": b""}
@@ -193,7 +150,7 @@ def _from_released_key_list(reference_dir, skip_pgseg_only: bool = False,
 def test_released_key_list_converts_into_pgseg_vit_s(tmp_path, source, reference_dir):
     state = _from_released_key_list(reference_dir, skip_pgseg_only=source == "groupvit-official")
     path = tmp_path / "released.pth"
-    torch.save({"model": state, "config": OmegaLike(model={"type": "MultiLabelContrastive"}), "amp": _Apex(),
+    torch.save({"model": state, "config": OmegaLike(model={"type": "MultiLabelContrastive"}), "amp": Apex(),
                 "optimizer": {"state": {}}, "epoch": 30}, path)
     model = PGSeg.from_config(load_config("pgseg_vit_s", ["npr.mode=official"]))
     report = load_released(model, path, source)
@@ -237,12 +194,12 @@ def test_the_small_released_architecture_builds_the_fixture_key_list(reference_d
     unused mapping_text), with the release's parameter count less mapping_text."""
     import json
 
-    from jobs.convert import overrides_from_build_config
+    from pgseg.checkpoint import build_config_values
 
     arch = json.loads((reference_dir / "fixture_architecture.json").read_text())
-    sets = overrides_from_build_config({"config": {"model": arch["build_config"]}})
-    assert "model.image.embed_dim=96" in sets
-    model = PGSeg.from_config(load_config("pgseg_vit_s", [*sets, "npr.mode=official"]))
+    values = build_config_values({"config": {"model": arch["build_config"]}})
+    assert values["model.image.embed_dim"] == 96
+    model = PGSeg.from_config(load_config("pgseg_vit_s", values={**values, "npr.mode": "official"}))
     state = _from_released_key_list(reference_dir, name="fixture_state_dict_keys.tsv")
     assert len(state) == arch["num_state_dict_entries"]
     torch.save({"model": state}, tmp_path / "small.pth")
