@@ -1,0 +1,232 @@
+"""Ingest: webdataset shards → Ray Data → decoded, augmented, tokenised batches for Ray Train workers.
+
+``ray.data`` webdataset reading (hardened: a truncated or unreadable tar ends that shard with a counted error instead
+of failing the run) → ``map_batches`` (decode, RandomResizedCrop with scale (min_scale, 1), horizontal flip,
+ImageNet normalisation, CLIP tokenisation) → ``iter_torch_batches`` in the workers. Bad samples are dropped inside
+the map (so every batch has exactly the batch size, which the global-batch loss needs) and counted by a small
+actor, exactly: undecodable image bytes, a sample without caption, a sample without image, a damaged tar.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import random
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+from PIL import Image, UnidentifiedImageError
+
+import torchvision.transforms.v2.functional as TF
+
+from pgseg.text import IMAGENET_TEMPLATES, NounVocabulary, noun_prompts, tokenize
+from pipelines.data.download import MANIFEST, read_manifest
+from pipelines.ray_private import DAMAGED_TAR, HardenedWebDataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+TEXT_KEYS = ("txt", "text")
+SKIP_KINDS = ("bad_image", "no_caption", "no_image", DAMAGED_TAR)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ shard lists
+def shard_list(sources: list[str]) -> list[str]:
+    """Tar paths from globs, folders (their manifest's shards, else every tar) and manifest files."""
+    out: list[str] = []
+    for src in sources:
+        path = Path(src)
+        if path.is_dir() and (path / MANIFEST).is_file() or path.name == MANIFEST:
+            root = path if path.is_dir() else path.parent
+            out += [str(root / s["tar"]) for s in read_manifest(path)["shards"] if s["samples"] > 0]
+        elif path.is_dir():
+            out += sorted(str(p) for p in path.glob("*.tar"))
+        else:
+            out += sorted(glob.glob(src))
+    if not out:
+        raise FileNotFoundError(f"no shards found in {sources}")
+    return out
+
+
+def manifest_samples(sources: list[str]) -> int | None:
+    """Samples per epoch from the shard manifests of ``sources`` (None when a source has no manifest)."""
+    total = 0
+    for src in sources:
+        path = Path(src)
+        if not ((path.is_dir() and (path / MANIFEST).is_file()) or path.name == MANIFEST):
+            return None
+        total += int(read_manifest(path)["samples"])
+    return total
+
+
+def epoch_shards(sources: list[list[str]], weights: list[float] | None, epoch: int, seed: int) -> list[str]:
+    """The shard order of one epoch: shuffled with (seed, epoch); with weights, each source contributes shards in
+    proportion to its weight (sampled with replacement when it has fewer than its share)."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if weights is None or len(sources) == 1:
+        shards = [s for group in sources for s in group]
+        rng.shuffle(shards)
+        return shards
+    total = sum(len(g) for g in sources)
+    out: list[str] = []
+    for group, w in zip(sources, weights):
+        share = max(1, round(total * w / sum(weights)))
+        out += rng.sample(group, share) if share <= len(group) else [rng.choice(group) for _ in range(share)]
+    rng.shuffle(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- counting
+@ray.remote(num_cpus=0)
+class SkipCounter:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+
+    def totals(self) -> dict[str, int]:
+        return {k: int(self.counts.get(k, 0)) for k in SKIP_KINDS}
+
+
+# ------------------------------------------------------------------------------------- decode and augment
+def _first(row: pd.Series, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        if k in row.index and isinstance(row[k], (bytes, bytearray)) and len(row[k]) > 0:
+            return row[k]
+    return None
+
+
+def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float], rng: np.random.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop), on a PIL image."""
+    width, height = image.size
+    area = width * height
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(*log_ratio)))
+        w, h = int(round((target * aspect) ** 0.5)), int(round((target / aspect) ** 0.5))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            return TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    side = min(width, height)
+    return TF.resized_crop(image, (height - side) // 2, (width - side) // 2, side, side, [size, size], antialias=True)
+
+
+def preprocess_image(data: bytes, size: int, min_scale: float, train: bool, rng: np.random.Generator) -> np.ndarray:
+    """Image bytes → [3, size, size] float32: RandomResizedCrop + flip in training (resize otherwise), ImageNet
+    normalisation. Raises on undecodable bytes."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if train:
+            im = random_resized_crop(im, size, (min_scale, 1.0), rng)
+            if rng.random() < 0.5:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+        arr = np.asarray(im, np.float32) / 255.0
+    return ((arr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)  # [3, S, S]
+
+
+class Preprocess:
+    """The map_batches UDF: bytes → normalised CHW float32 images and CLIP tokens (and, for GroupViT's multi-label
+    loss, K noun prompts per caption); bad rows dropped and counted."""
+
+    def __init__(self, img_size: int, context_length: int, min_scale: float, counter: Any, train: bool = True,
+                 multi_label: int = 0, noun_vocabulary: str | None = None, seed: int | None = None):
+        self.img_size, self.context_length, self.min_scale = img_size, context_length, min_scale
+        self.counter, self.train = counter, train
+        self.multi_label, self.noun_vocabulary, self.seed = multi_label, noun_vocabulary, seed
+        self.rng: np.random.Generator | None = None  # made in the worker: every task gets its own stream
+        self.vocabulary = None
+
+    def _image(self, data: bytes) -> np.ndarray:
+        return preprocess_image(data, self.img_size, self.min_scale, self.train, self.rng)
+
+    def _nouns(self, captions: list[str], rng: random.Random) -> np.ndarray:
+        if self.vocabulary is None:
+            self.vocabulary = NounVocabulary.from_file(self.noun_vocabulary)
+        prompts = [p for c in captions for p in noun_prompts(c, self.vocabulary, self.multi_label,
+                                                             IMAGENET_TEMPLATES, rng)]
+        return tokenize(prompts, self.context_length).numpy().reshape(len(captions), self.multi_label, -1)
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        if self.seed is not None:  # reproducible: the stream follows the batch's own keys, not the task
+            keys = "".join(str(k) for k in batch.get("__key__", pd.Series(dtype=object)).tolist())
+            self.rng = np.random.default_rng([self.seed, zlib.crc32(keys.encode())])
+        elif self.rng is None:
+            self.rng = np.random.default_rng()
+        skips: Counter[str] = Counter()
+        images, captions = [], []
+        for _, row in batch.iterrows():
+            if "__error__" in row.index and isinstance(row["__error__"], str):
+                skips[row["__error__"]] += 1
+                continue
+            data, text = _first(row, IMAGE_KEYS), _first(row, TEXT_KEYS)
+            if data is None:
+                skips["no_image"] += 1
+                continue
+            caption = text.decode("utf-8", "replace").strip() if text is not None else ""
+            if not caption:
+                skips["no_caption"] += 1
+                continue
+            try:
+                images.append(self._image(data))
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+                skips["bad_image"] += 1
+                continue
+            captions.append(caption)
+        if skips:
+            ray.get(self.counter.add.remote(dict(skips)))  # exact: counted before this batch is handed on
+        s, length = self.img_size, self.context_length
+        out = {
+            "image": np.stack(images) if images else np.zeros((0, 3, s, s), np.float32),
+            "tokens": tokenize(captions, length).numpy() if captions else np.zeros((0, length), np.int64),
+        }
+        if self.multi_label > 0:
+            rng = random.Random(int(self.rng.integers(2**63)))
+            out["nouns"] = self._nouns(captions, rng) if captions else np.zeros((0, self.multi_label, length), np.int64)
+        return out
+
+
+@dataclass
+class Ingest:
+    """One training data source for Ray Train: ``dataset(epoch)`` for the trainer, ``skips()`` for the logs."""
+
+    sources: list[list[str]]
+    img_size: int
+    context_length: int
+    min_scale: float = 0.08
+    weights: list[float] | None = None
+    seed: int = 0
+    train: bool = True  # random crops and flips (False: resize only)
+    multi_label: int = 0  # K noun prompts per caption (GroupViT's multi-label loss)
+    noun_vocabulary: str | None = None
+    deterministic: bool = False  # seeded augmentation (per batch of keys) and ordered reading
+
+    def __post_init__(self) -> None:
+        self.counter = SkipCounter.remote()
+
+    @classmethod
+    def from_paths(cls, paths: list[str], **kw: Any) -> "Ingest":
+        return cls([shard_list([p]) for p in paths], **kw)
+
+    def dataset(self, epoch: int = 0) -> ray.data.Dataset:
+        shards = epoch_shards(self.sources, self.weights, epoch, self.seed) if self.train else \
+            [s for g in self.sources for s in g]
+        ds = ray.data.read_datasource(HardenedWebDataset(shards, decoder=None))
+        udf = Preprocess(self.img_size, self.context_length, self.min_scale, self.counter, self.train,
+                         self.multi_label, self.noun_vocabulary, self.seed + epoch if self.deterministic else None)
+        return ds.map_batches(udf, batch_format="pandas", batch_size=256)
+
+    def skips(self) -> dict[str, int]:
+        return ray.get(self.counter.totals.remote())
