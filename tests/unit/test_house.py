@@ -68,3 +68,9 @@ def test_one_training_step_in_the_project():
     assert stepping == {"pgseg/train/step.py"}
     for user in ("pipelines/train/loop.py", "benchmarks/common.py", "benchmarks/train_scaling.py"):
         assert "TrainStep" in (REPO / user).read_text(), user
+
+
+def test_every_mlflow_call_goes_through_the_tracking_service():
+    users = {str(p.relative_to(REPO)) for p in _modules("pipelines") + _modules("jobs") + _modules("pgseg")
+             if any(n.split(".")[0] == "mlflow" for n in _imports(p))}
+    assert users == {"pipelines/tracking.py"}
