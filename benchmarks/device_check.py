@@ -4,8 +4,9 @@
 
 1. parity on the device (float32, TF32 off): the released fixture's model — embeddings against ``outputs.pt`` and
    the zero-shot protocol against ``segmentation.pt`` (labels that agree, max |Δ| of probabilities, 60 cases);
-2. the paper-size training step (pgseg_vit_s at 224, bf16 autocast, AdamW, prototype EMA): images/s and peak
-   memory with NPR in official mode, in paper mode, and without NPR (GroupViT), side by side, with ratios;
+2. the paper-size training step (the trainer's pgseg.train.TrainStep: pgseg_vit_s at 224, bf16 autocast, clipping,
+   AdamW with its schedule, prototype EMA): images/s and peak memory with NPR in official mode, in paper mode, and
+   without NPR (GroupViT), side by side, with ratios;
 3. the batched Hungarian solver (64×64 cost matrices, batch 256) on the device, against the CPU backend and SciPy
    per matrix, same assignments checked;
 4. the zero-shot protocol on a 500×375 image (VOC's usual size) with VOC's 20 classes: seconds per image.
