@@ -20,7 +20,7 @@ from pgseg.train import export_model
 from pipelines.data.ingest import Ingest
 from pipelines.rendezvous import torch_config
 from pipelines.runtime import check_resources, cluster_resources, on_loopback, train_log_level
-from pipelines.tracking import finish_training_run, resolve_uri, start_training_run
+from pipelines.tracking import Tracker, start_training_run
 from pipelines.train.faults import FAULT_ENV, parse_faults
 from pipelines.train.loop import LoopSettings, train_loop_per_worker
 from pipelines.train.plan import Plan, TrainingError
@@ -57,13 +57,14 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
                         multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
                         deterministic=t.deterministic)
         dataset, counter = ingest.dataset(0), ingest.counter
-    uri = resolve_uri(config.tracking.uri)
+    tracker = Tracker(config.tracking.uri) if config.tracking.enabled else None
+    uri = tracker.uri if tracker else None
     run_id = None
-    if config.tracking.enabled:
+    if tracker:
         params = {**flatten(to_dict(config)), "run.name": plan.name, "run.steps_per_epoch": plan.steps_per_epoch,
                   "run.total_steps": plan.total_steps, "run.samples_per_epoch": plan.samples_per_epoch,
                   **(run_params or {})}
-        run_id, resumed = start_training_run(uri, config.tracking.experiment, config.tracking.run_name or plan.name,
+        run_id, resumed = start_training_run(tracker, config.tracking.experiment, config.tracking.run_name or plan.name,
                                              plan.run_key, params, dump_config(config), run_tags)
         log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
     marker_dir = plan.local_run_dir or Path(tempfile.gettempdir()) / "pgseg-faults" / plan.name
@@ -88,13 +89,13 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
         result = trainer.fit()
     except Exception as exc:
         if run_id:
-            finish_training_run(uri, run_id, "FAILED", {"pgseg.error": str(exc)[:5000]})
+            tracker.end(run_id, "FAILED", {"pgseg.error": str(exc)[:5000]})
         raise TrainingError(f"training run {plan.name!r} failed: {exc}") from exc
     metrics = dict(result.metrics or {})
     step = int(metrics.get("step", 0))
     if "stopped" in metrics:
         if run_id:
-            finish_training_run(uri, run_id, "FAILED", {"pgseg.error": metrics["stopped"]})
+            tracker.end(run_id, "FAILED", {"pgseg.error": metrics["stopped"]})
         raise TrainingError(f"training run {plan.name!r} stopped: {metrics['stopped']} (train.nonfinite=stop); "
                             f"the latest checkpoint is kept")
     finished = step >= plan.total_steps
@@ -107,7 +108,6 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
     if run_id:
         artifacts = [model_file] if model_file and config.tracking.log_model else []
         state = "finished" if finished else f"paused at step {step} (run again with train.name={plan.name} to continue)"
-        finish_training_run(uri, run_id, "FINISHED" if finished else "KILLED",
-                            {"pgseg.checkpoint": str(ckpt_path), "pgseg.step": str(step), "pgseg.state": state},
-                            artifacts)
+        tracker.end(run_id, "FINISHED" if finished else "KILLED",
+                    {"pgseg.checkpoint": str(ckpt_path), "pgseg.step": str(step), "pgseg.state": state}, artifacts)
     return TrainResult(plan.name, step, plan.total_steps, finished, ckpt_path, model_file, run_id, metrics)
