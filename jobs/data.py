@@ -98,13 +98,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipelines.data.shard_view import first_samples
 
     try:
-        samples = first_samples(path, args.limit)
+        view = first_samples(path, args.limit)
     except ValueError as exc:
         return user_error(exc)
-    for sample in samples:
+    for sample in view.samples:
         members = ", ".join(f"{ext} {size} B" for ext, size in sample.members.items())
         print(f"{sample.key}: {sample.caption if sample.caption is not None else '<no caption>'!r} [{members}]")
-    return 0
+    return user_error(view.damage) if view.damage else 0
 
 
 def _download_options(p: argparse.ArgumentParser, image_size: int = 512) -> None:

@@ -6,29 +6,9 @@ Imported after :func:`pipelines.runtime.use_loopback` has run (it imports Ray).
 from __future__ import annotations
 
 import logging
-import tarfile
-from typing import Iterator
 
-import pandas as pd
 from ray._private import ray_constants
-from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
 from ray.train.v2._internal.execution import context as train_context
-
-log = logging.getLogger(__name__)
-
-DAMAGED_TAR = "damaged_tar"
-
-
-class HardenedWebDataset(WebDatasetDatasource):
-    """Ray's webdataset reader (``ray.data.read_webdataset`` has no error hook); a tar that breaks mid-way yields
-    what it read, then one row whose ``__error__`` says so."""
-
-    def _read_stream(self, stream, path: str) -> Iterator[pd.DataFrame]:
-        try:
-            yield from super()._read_stream(stream, path)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            log.warning("ingest: %s is damaged (%s): the rest of it is skipped", path, exc)
-            yield pd.DataFrame([{"__key__": None, "__url__": path, "__error__": DAMAGED_TAR}])
 
 
 def loopback_driver() -> None:

@@ -1,10 +1,11 @@
 """Ingest: webdataset shards → Ray Data → decoded, augmented, tokenised batches for Ray Train workers.
 
-``ray.data`` webdataset reading (hardened: a truncated or unreadable tar ends that shard with a counted error instead
-of failing the run) → ``map_batches`` (decode, RandomResizedCrop with scale (min_scale, 1), horizontal flip,
+``ray.data`` reading of the tars with ``pipelines/data/tar_reader.py`` (a truncated or unreadable tar gives every
+sample before the break, then one counted error, instead of failing the run) → ``map_batches`` (decode, RandomResizedCrop with scale (min_scale, 1), horizontal flip,
 ImageNet normalisation, CLIP tokenisation) → ``iter_torch_batches`` in the workers. Bad samples are dropped inside
 the map (so every batch has exactly the batch size, which the global-batch loss needs) and counted by a small
-actor, exactly: undecodable image bytes, a sample without caption, a sample without image, a damaged tar.
+actor, exactly: undecodable image bytes, a sample without caption, a sample without image, a damaged tar, a key
+that repeats in a tar.
 """
 from __future__ import annotations
 
@@ -25,15 +26,16 @@ from PIL import Image, UnidentifiedImageError
 
 import torchvision.transforms.v2.functional as TF
 
+from ray.data.datasource import FileBasedDatasource
+
 from pgseg.text import IMAGENET_TEMPLATES, NounVocabulary, noun_prompts, tokenize
 from pipelines.data.download import MANIFEST, read_manifest
-from pipelines.ray_private import DAMAGED_TAR, HardenedWebDataset
+from pipelines.data.tar_reader import DAMAGED_TAR, IMAGE_KEYS, REPEATED_KEY, TEXT_KEYS, tar_samples
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-TEXT_KEYS = ("txt", "text")
-SKIP_KINDS = ("bad_image", "no_caption", "no_image", DAMAGED_TAR)
+SKIP_KINDS = ("bad_image", "no_caption", "no_image", DAMAGED_TAR, REPEATED_KEY)
+READ_ROWS = 512  # samples per block handed on by a read task
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -82,6 +84,23 @@ def epoch_shards(sources: list[list[str]], weights: list[float] | None, epoch: i
         out += rng.sample(group, share) if share <= len(group) else [rng.choice(group) for _ in range(share)]
     rng.shuffle(out)
     return out
+
+
+# ------------------------------------------------------------------------------------------------- reading
+class TarShards(FileBasedDatasource):
+    """Tar shards as rows of samples for Ray Data (``_read_stream`` is FileBasedDatasource's extension point)."""
+
+    _FILE_EXTENSIONS = ["tar"]
+
+    def _read_stream(self, stream: Any, path: str):
+        rows: list[dict[str, Any]] = []
+        for sample in tar_samples(stream, path):
+            rows.append(sample)
+            if len(rows) == READ_ROWS:
+                yield pd.DataFrame.from_records(rows)
+                rows = []
+        if rows:
+            yield pd.DataFrame.from_records(rows)
 
 
 # ------------------------------------------------------------------------------------------------- counting
@@ -223,7 +242,7 @@ class Ingest:
     def dataset(self, epoch: int = 0) -> ray.data.Dataset:
         shards = epoch_shards(self.sources, self.weights, epoch, self.seed) if self.train else \
             [s for g in self.sources for s in g]
-        ds = ray.data.read_datasource(HardenedWebDataset(shards, decoder=None))
+        ds = ray.data.read_datasource(TarShards(shards))
         udf = Preprocess(self.img_size, self.context_length, self.min_scale, self.counter, self.train,
                          self.multi_label, self.noun_vocabulary, self.seed + epoch if self.deterministic else None)
         return ds.map_batches(udf, batch_format="pandas", batch_size=256)

@@ -37,11 +37,13 @@ def shards(tmp_path_factory):
                ("0103.png", _png(world, 12)), ("0103.txt", b"a png sample"),                  # good (png)
                ("0104.jpg", _jpeg(world, 13)), ("0104.txt", b"   ")]                          # blank caption
     _write_tar(root / "00001.tar", corrupt)
-    full = root / "full.tar"
-    _write_tar(full, [(f"{i:04d}.jpg", _jpeg(world, 20 + i)) for i in range(6)]
-               + [(f"{i:04d}.txt", b"x") for i in range(6)])
+    full = root / "full.tar"  # 8 captioned samples, cut twice: inside sample 5's image data, at sample 3's header
+    _write_tar(full, [m for i in range(8) for m in ((f"{i:04d}.jpg", _jpeg(world, 20 + i)), (f"{i:04d}.txt", b"x"))])
     data = full.read_bytes()
-    (root / "00002.tar").write_bytes(data[: len(data) // 2])  # truncated mid-member
+    with tarfile.open(full) as tar:
+        members = tar.getmembers()
+    (root / "00002.tar").write_bytes(data[: members[10].offset_data + 100])
+    (root / "00003.tar").write_bytes(data[: members[6].offset])
     full.unlink()
     return root
 
@@ -59,11 +61,24 @@ def test_batches_shapes_dtypes_and_exact_skip_counts(ray_local, shards):
     tokens = torch.cat([b["tokens"] for b in batches])
     assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
     assert tokens.dtype == torch.int64 and tokens.shape[1] == 16
-    assert images.shape[0] == tokens.shape[0] == 11  # 10 good + the png sample
+    assert images.shape[0] == tokens.shape[0] == 10 + 1 + 5 + 3  # good, the png, the complete ones before each cut
     assert (tokens[:, 0] == 49406).all()  # every row starts with SOT
     assert abs(images.mean().item()) < 2 and images.std().item() > 0.1  # ImageNet-normalised
     skips = ingest.skips()
-    assert skips == {"bad_image": 1, "no_caption": 2, "no_image": 1, "damaged_tar": 1}
+    assert skips == {"bad_image": 1, "no_caption": 2, "no_image": 1, "damaged_tar": 2, "repeated_key": 0}
+
+
+def test_through_ray_data_every_complete_sample_comes_once_and_each_break_once(ray_local, shards):
+    import ray
+
+    from pipelines.data.ingest import TarShards
+
+    rows = ray.data.read_datasource(TarShards(shard_list([str(shards / "*.tar")]))).to_pandas()
+    samples = rows[rows["__error__"].isna()]
+    assert not samples.duplicated(["__url__", "__key__"]).any()
+    assert samples.groupby(samples["__url__"].str[-9:]).size().to_dict() == {
+        "00000.tar": 10, "00001.tar": 5, "00002.tar": 5, "00003.tar": 3}
+    assert sorted(rows.loc[rows["__error__"].notna(), "__url__"].str[-9:]) == ["00002.tar", "00003.tar"]
 
 
 def test_epoch_shard_order_is_seeded_and_weights_mix_sources():
