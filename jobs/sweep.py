@@ -55,6 +55,8 @@ def _sweep(spec, args: argparse.Namespace) -> int:
 
         try:
             run_workflow(spec.data_stages)
+        except ConfigError as exc:
+            return user_error(exc)
         except WorkflowError as exc:
             print(f"error: the experiment's data stages failed: {exc}", file=sys.stderr)
             return 1

@@ -31,12 +31,15 @@ def _local_cpus() -> float:
 def run(args: argparse.Namespace) -> int:
     from pgseg.config import ConfigError, load_config
     from pipelines.runtime import check_resources
+    from pipelines.tracking import check_uri, resolve_uri
     from pipelines.train import TrainingError, fit, plan_training
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
         overrides = list(args.set) + ([f"train.name={args.name}"] if args.name else [])
         plan = plan_training(load_config(args.config, overrides))
+        if plan.config.tracking.enabled:  # a server that does not answer is said before Ray starts
+            check_uri(resolve_uri(plan.config.tracking.uri))
         if not address:  # an embedded Ray on this machine: check before starting it
             check_resources(plan.config, _local_cpus())
     except (ConfigError, ValueError) as exc:

@@ -11,7 +11,10 @@ import logging
 import math
 import os
 import subprocess
+import threading
 import time
+import urllib.request
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pgseg.config import ConfigError
 from pgseg.evaluate import ClassificationResult, EvalResult
 from pgseg.visualize import grid
 
@@ -50,11 +54,30 @@ def git_commit(path: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def check_uri(uri: str, timeout: float = 5.0) -> None:
+    """Raise ConfigError (key ``tracking.uri``) when an MLflow server at ``uri`` does not answer its health check
+    within ``timeout`` s, or a sqlite file's folder does not exist: said before any work, not after a run."""
+    hint = "start it, set tracking.uri to one that answers, or tracking.enabled=false"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as answer:
+                if answer.status == 200:
+                    return
+                reason = f"HTTP {answer.status}"
+        except (OSError, ValueError) as exc:
+            reason = str(getattr(exc, "reason", exc))
+        raise ConfigError(f"tracking.uri: no MLflow server answers at {uri} ({reason}): {hint}")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
+        raise ConfigError(f"tracking.uri: the folder of the sqlite file {uri} does not exist")
+
+
 class Tracker:
     """One tracking server (``uri`` resolved by :func:`resolve_uri`)."""
 
-    def __init__(self, uri: str | None):
+    def __init__(self, uri: str | None, *, check: bool = False):
         self.uri = resolve_uri(uri)
+        if check:
+            check_uri(self.uri)
         self.client = MlflowClient(self.uri)
 
     # ------------------------------------------------------------------------------------------------ runs
@@ -141,32 +164,121 @@ def start_training_run(tracker: Tracker, experiment: str, run_name: str, run_key
 
 
 class MetricLogger:
-    """Rank 0's metric stream into one MLflow run: buffered, flushed in batches; after a restart, the steps that
-    the run already holds are not logged again (one value per step on every curve)."""
+    """Rank 0's metric stream into one MLflow run, sent by a background thread so that no step waits for the
+    tracking server. While the server is away, values wait in a bounded buffer (``capacity`` values; past it the
+    oldest are dropped, and counted) and go when it answers again. After a restart, the steps the run already holds
+    (up to the highest step of ``watch``) are not logged again: one value per step on every curve; values of
+    :meth:`event` are exempt (one per call). :meth:`close` says what was sent, dropped and never sent."""
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 10, watch: str = "loss"):
-        self.client, self.run_id, self.flush_every = MlflowClient(uri), run_id, flush_every
-        history = self.client.get_metric_history(run_id, watch)
-        self.floor = max((m.step for m in history), default=-1)  # steps <= floor are already logged
-        self.buffer: list[Metric] = []
-        self.errors = 0
+    def __init__(self, uri: str, run_id: str, flush_every: int = 10, watch: str = "loss",
+                 capacity: int = 200_000, retry_s: float = 2.0):
+        # each request fails fast and this thread tries again, instead of MLflow's minutes of backoff per call
+        # (read per request from the environment of this process: a training worker, whose only MLflow user this is)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.client, self.run_id, self.flush_every, self.watch = MlflowClient(uri), run_id, flush_every, watch
+        self.capacity, self.retry_s = capacity, retry_s
+        self.floor: int | None = None  # steps <= floor are already logged; known once the server has answered
+        self.pending: deque[tuple[Metric, bool]] = deque()  # (value, whether the floor applies)
+        self.in_flight = 0
+        self.sent = self.dropped = self.failures = 0
+        self.down = False  # the latest attempt failed
+        self.closing = False
+        self.report: dict[str, float] | None = None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def _put(self, metrics: list[Metric], floored: bool) -> None:
+        with self.cond:
+            self.pending.extend((m, floored) for m in metrics)
+            while len(self.pending) > self.capacity:
+                self.pending.popleft()
+                self.dropped += 1
+            self.cond.notify_all()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if step <= self.floor:
+        if self.floor is not None and step <= self.floor:
             return
         now = int(time.time() * 1000)
-        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        if len(self.buffer) >= 500 or step % self.flush_every == 0:
-            self.flush()
+        self._put([Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))], True)
 
-    def flush(self) -> None:
-        while self.buffer:
-            chunk, self.buffer = self.buffer[:1000], self.buffer[1000:]
+    def event(self, key: str, value: float, step: int) -> None:
+        self._put([Metric(key, float(value), int(time.time() * 1000), step)], False)
+
+    def _batch(self) -> list[Metric]:
+        """Up to 1000 pending values, the floor applied (called with the lock held)."""
+        out: list[Metric] = []
+        while self.pending and len(out) < 1000:
+            metric, floored = self.pending.popleft()
+            if not (floored and metric.step <= self.floor):
+                out.append(metric)
+        self.in_flight = len(out)
+        return out
+
+    def _send_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending and not self.closing:
+                    self.cond.wait()
+                if not self.pending:
+                    return
             try:
-                self.client.log_batch(self.run_id, metrics=chunk)
-            except Exception as exc:  # noqa: BLE001 - tracking must not kill training; counted and reported
-                self.errors += 1
-                log.warning("MLflow: %d metric values not logged (%s)", len(chunk), exc)
+                if self.floor is None:
+                    history = self.client.get_metric_history(self.run_id, self.watch)
+                    self.floor = max((m.step for m in history), default=-1)
+                with self.cond:
+                    chunk = self._batch()
+                if chunk:
+                    self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as exc:  # noqa: BLE001 - tracking must not stop training: kept, sent again later
+                with self.cond:
+                    if self.in_flight:
+                        self.pending.extendleft((m, False) for m in reversed(chunk))
+                    self.in_flight, self.failures = 0, self.failures + 1
+                    if not self.down:
+                        log.warning("MLflow at %s does not answer (%s): metrics are kept and sent when it does",
+                                    self.client.tracking_uri, str(exc).splitlines()[0][:200])
+                    self.down = True
+                    self.cond.notify_all()
+                    self.cond.wait(self.retry_s)
+                continue
+            with self.cond:
+                if self.down:
+                    log.warning("MLflow at %s answers again", self.client.tracking_uri)
+                self.sent, self.in_flight, self.down = self.sent + len(chunk), 0, False
+                self.cond.notify_all()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every pending value is sent (not while the server is away; at most ``timeout`` s).
+        Returns whether nothing is left to send."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.cond.notify_all()
+            while (self.pending or self.in_flight) and not self.down and time.monotonic() < deadline:
+                self.cond.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+            return not (self.pending or self.in_flight)
+
+    def close(self, timeout: float = 60.0) -> dict[str, float]:
+        """Send what is pending (trying for at most ``timeout`` s, the server away or not) and stop. Returns
+        ``tracking/sent``, ``tracking/dropped`` (past the buffer), ``tracking/unsent`` (never sent) and
+        ``tracking/failed_sends``; the same on a second call."""
+        if self.report is not None:
+            return self.report
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+            while (self.pending or self.in_flight) and time.monotonic() < deadline:
+                self.cond.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+            unsent = len(self.pending) + self.in_flight
+            self.pending.clear()  # the thread ends at its next look
+            self.cond.notify_all()
+        self.report = {"tracking/sent": self.sent, "tracking/dropped": self.dropped, "tracking/unsent": unsent,
+                       "tracking/failed_sends": self.failures}
+        if unsent or self.dropped:
+            log.warning("MLflow: %d metric values never sent, %d dropped past the buffer", unsent, self.dropped)
+        return self.report
 
 
 # ------------------------------------------------------------------------------------------------ data and evaluation

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlflow_process import MlflowServer
 from pipelines.runtime import start_ray, use_loopback
 
 use_loopback()  # tests stay on 127.0.0.1: Ray reads these when it is imported (before any test module imports it)
@@ -76,52 +77,12 @@ def ray_local():
     ray.shutdown()
 
 
-def wait_for_http(url: str, proc, what: str, seconds: float) -> None:
-    """Poll ``url`` until it answers 200 (bounded); fail the test, killing ``proc``'s group, if it never does."""
-    import signal
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited at start")
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"{what} did not answer {url} within {seconds:g} s")
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` with a sqlite backend on 127.0.0.1; yields its URI."""
-    import socket
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{uri}/health", proc, "mlflow server", 120)
-    yield uri
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -61,9 +61,9 @@ def run_workflow(experiment: Experiment, *, redo: list[str] = (), printer: Calla
     unknown = sorted(set(redo) - set(experiment.stages))
     if unknown:
         raise ConfigError(f"redo: {', '.join(unknown)} not a stage of this experiment ({', '.join(experiment.stages)})")
+    tracker = Tracker(experiment.tracking.uri, check=True) if experiment.tracking.enabled else None
     root = experiment.root
     (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(experiment.tracking.uri) if experiment.tracking.enabled else None
     ctx = Context(experiment, root, tracker, _start_workflow_run(tracker, experiment) if tracker else None,
                   printer=printer,
                   train_config=training_config(experiment) if experiment.train is not None else None)

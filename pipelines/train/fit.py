@@ -57,7 +57,7 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
                         multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
                         deterministic=t.deterministic)
         dataset, counter = ingest.dataset(0), ingest.counter
-    tracker = Tracker(config.tracking.uri) if config.tracking.enabled else None
+    tracker = Tracker(config.tracking.uri, check=True) if config.tracking.enabled else None
     uri = tracker.uri if tracker else None
     run_id = None
     if tracker:
@@ -108,6 +108,11 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
     if run_id:
         artifacts = [model_file] if model_file and config.tracking.log_model else []
         state = "finished" if finished else f"paused at step {step} (run again with train.name={plan.name} to continue)"
+        lost = {k: int(metrics.get(f"tracking/{k}", 0)) for k in ("unsent", "dropped")}
+        if any(lost.values()):
+            log.warning("MLflow run %s misses %d metric values that rank 0 could not send (%d dropped past its "
+                        "buffer)", run_id, lost["unsent"] + lost["dropped"], lost["dropped"])
         tracker.end(run_id, "FINISHED" if finished else "KILLED",
-                    {"pgseg.checkpoint": str(ckpt_path), "pgseg.step": str(step), "pgseg.state": state}, artifacts)
+                    {"pgseg.checkpoint": str(ckpt_path), "pgseg.step": str(step), "pgseg.state": state,
+                     **{f"pgseg.metrics_{k}": str(v) for k, v in lost.items()}}, artifacts)
     return TrainResult(plan.name, step, plan.total_steps, finished, ckpt_path, model_file, run_id, metrics)

@@ -21,7 +21,7 @@ from pgseg.distributed import Collectives
 from pgseg.train import DevEvaluation, TrainStep, load_state, save_state, set_rng_state
 from pipelines.ray_private import quiet_train_reports
 from pipelines.tracking import MetricLogger
-from pipelines.train.faults import kill_once, parse_faults
+from pipelines.train.faults import kill_in_backward, kill_once, parse_faults
 from pipelines.train.plan import TrainingError
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,11 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         if rank == 0:
             log.info("resumed at step %d of %d", step, total)
     faults = parse_faults(loop.faults)
+    markers = Path(loop.fault_marker_dir)
     metrics_log = MetricLogger(loop.tracking_uri, loop.run_id, config.tracking.log_every) \
         if rank == 0 and loop.run_id else None
+    if metrics_log is not None and checkpoint is not None:
+        metrics_log.event("resumed_from_step", step, step)  # one value per restart, whatever the floor
     stream = batches(ray.train.get_dataset_shard("train"), data.batch_size, data.shuffle_buffer,
                      data.seed if t.deterministic else None, device, skip=in_pass if t.deterministic else 0)
     stop_at = min(total, t.stop_after or total)
@@ -108,10 +111,14 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         """Report ``metrics`` with a checkpoint of the training state."""
         if metrics_log is not None:
             metrics_log.flush()
+            if at_step == stop_at:
+                metrics.update(metrics_log.close())
         with tempfile.TemporaryDirectory() as folder:
             save_state(folder, step_fn, {"step": at_step, "epoch": at_step // steps_per_epoch,
                                          "batches_in_pass": consumed, "nonfinite_steps": nonfinite,
                                          "best_eval": best})
+            if faults.get("killsave") == (at_step, rank):
+                kill_once(markers / f"killsave-{at_step}-{rank}")
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_step{at_step:09d}")
 
@@ -119,7 +126,11 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         t0 = time.perf_counter()
         batch, in_pass = next(stream)
         timing["time/data"] += time.perf_counter() - t0
-        result = step_fn(batch, step, poison=faults.get("nan", (-1,))[0] == step)
+        armed = kill_in_backward(step_fn.model, markers / f"killmid-{step + 1}-{rank}") \
+            if faults.get("killmid") == (step + 1, rank) else None
+        result = step_fn(batch, step, poison=faults.get("nan") == (step, rank))
+        if armed is not None:
+            armed.remove()
         for key, value in result.seconds.items():
             timing[key] += value
         window_steps += 1
@@ -132,7 +143,7 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
                 break
         step += 1
         if "kill" in faults and faults["kill"] == (step, rank):
-            kill_once(Path(loop.fault_marker_dir) / f"kill-{step}-{rank}")
+            kill_once(markers / f"kill-{step}-{rank}")
         checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at
         # every checkpoint's report carries eval scores (a sweep's scheduler reads them): the first one scores
         eval_now = bool(eval_every) and (step % eval_every == 0 or step == total or (checkpoint_now and not latest_eval))
@@ -159,4 +170,4 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
             save({**latest_eval, **metrics}, step, in_pass + 1)  # checkpoints only: a report is a barrier that
             # costs about a second here, so per-step curves go to MLflow alone
     if metrics_log is not None:
-        metrics_log.flush()
+        metrics_log.close()

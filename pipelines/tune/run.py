@@ -132,7 +132,7 @@ def run_sweep(spec: SweepSpec, *, printer: Callable[[str], None] = print) -> Swe
     tune_path = root / TUNE_DIR
     resume = tune.Tuner.can_restore(str(tune_path))
     _check_state(root, state, resume, spec.name)
-    tracker = Tracker(base.tracking.uri) if base.tracking.enabled else None
+    tracker = Tracker(base.tracking.uri, check=True) if base.tracking.enabled else None
     parent = _start_parent(tracker, spec, base.tracking.experiment, state, resume) if tracker else None
     setup = TrialSetup(spec, str(root / RUNS_DIR), tracker.uri if tracker else None, parent, os.getcwd())
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": spec.trainable_cpus})

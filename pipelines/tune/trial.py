@@ -4,6 +4,7 @@ driver's view of the trials (Tune's parameter space, one progress line per trial
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         os.chdir(setup.cwd)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver prints one line per report
     trial_id = tune.get_context().get_trial_id()
+    ended = ended_result(setup.spec.root, trial_id)
+    if ended is not None:  # the driver died before Tune saved this trial's end: its result, nothing trained again
+        tune.report(ended)
+        return
     variant, label, values = setup.describe(params)
     run = {"train.name": f"trial_{trial_id}", "train.storage_path": setup.runs,
            "tracking.run_name": f"{setup.spec.name}: {label}"}
@@ -111,6 +116,15 @@ def ended_trials(root: Path) -> set[str]:
     return {p.stem for p in (root / ENDED_DIR).glob("*.json")}
 
 
+def ended_result(root: str | Path, trial_id: str) -> dict[str, Any] | None:
+    """The last result of a trial that ended well (None: not ended, failed, or marked without one)."""
+    try:
+        mark = json.loads((Path(root) / ENDED_DIR / f"{trial_id}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return mark.get("result") if mark.get("ended") == "ended" else None
+
+
 class SweepProgress(Callback):
     """One line per trial start, report and end (the sweep's own progress, printed by the driver), and a mark per
     trial that ended."""
@@ -122,7 +136,10 @@ class SweepProgress(Callback):
         return f"trial {trial.trial_id} ({self.trial_setup.describe(trial.config)[1]})"
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        print(f"[sweep] {self._label(trial)} started", flush=True)
+        if ended_result(self.trial_setup.spec.root, trial.trial_id) is not None:
+            print(f"[sweep] {self._label(trial)} had ended: its result, not run again", flush=True)
+        else:
+            print(f"[sweep] {self._label(trial)} started", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metric = self.trial_setup.spec.metric
@@ -132,7 +149,11 @@ class SweepProgress(Callback):
                   f"{metric} {value:.4f}", flush=True)
 
     def _ended(self, trial: Any, how: str) -> None:
-        atomic_write_json(Path(self.trial_setup.spec.root) / ENDED_DIR / f"{trial.trial_id}.json", {"ended": how})
+        """The mark (with the last result's values) comes first: a driver killed after it still knows the end."""
+        result = {k: v for k, v in (trial.last_result or {}).items()
+                  if isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and not math.isfinite(v))}
+        atomic_write_json(Path(self.trial_setup.spec.root) / ENDED_DIR / f"{trial.trial_id}.json",
+                          {"ended": how, "result": result})
         print(f"[sweep] {self._label(trial)} {how}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -123,12 +123,15 @@ def _cli(args: list[str], **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 
-def test_interrupted_sweep_resumes_only_the_unfinished_trial(ray_local, shapes_data, mlflow_server, tmp_path):
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_interrupted_sweep_resumes_only_the_unfinished_trial(ray_local, shapes_data, mlflow_server, tmp_path, how):
     """The job as `ray job submit` runs it: a driver attached to a running cluster (--address), here interrupted
-    with Ctrl+C (SIGINT) once its first trial has ended, then started again."""
+    once its first trial has ended, with Ctrl+C (SIGINT: Tune saves its state) or SIGKILL (nothing saved at that
+    moment: Tune restores what it last wrote), then started again."""
     from mlflow.tracking import MlflowClient
 
-    base = _base(tmp_path, shapes_data, mlflow_server, steps=8, experiment="sweep-resume")
+    experiment = f"sweep-resume-{how}"
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=8, experiment=experiment)
     path = _sweep(tmp_path, "resume", base, metric="eval/val/mIoU",
                   variants=[{"name": "GroupViT", "set": {"npr.enabled": False, "npr.i_npr": False,
                                                           "npr.t_npr": False, "npr.hrs": False}},
@@ -144,7 +147,7 @@ def test_interrupted_sweep_resumes_only_the_unfinished_trial(ray_local, shapes_d
                 break
             output.append(line)
             if line.startswith("[sweep]") and line.rstrip().endswith(" ended"):
-                os.kill(first.pid, signal.SIGINT)
+                os.kill(first.pid, getattr(signal, how))
                 break
         rest, _ = first.communicate(timeout=180)
     finally:
@@ -152,9 +155,12 @@ def test_interrupted_sweep_resumes_only_the_unfinished_trial(ray_local, shapes_d
             os.killpg(first.pid, signal.SIGKILL)
     output.append(rest)
     text = "".join(output)
-    assert first.returncode == 130, text[-3000:]
-    assert "interrupted: 1 of 2 trial(s) ended" in text
     ended = [p.stem for p in (root / "ended").glob("*.json")]
+    if how == "SIGINT":
+        assert first.returncode == 130, text[-3000:]
+        assert "interrupted: 1 of 2 trial(s) ended" in text
+    else:
+        assert first.returncode == -signal.SIGKILL, text[-3000:]
     assert len(ended) == 1
     done_dir = root / "runs" / f"trial_{ended[0]}"
     assert (done_dir / "model.safetensors").is_file()
@@ -167,14 +173,14 @@ def test_interrupted_sweep_resumes_only_the_unfinished_trial(ray_local, shapes_d
     assert len(started) == 1 and ended[0] not in started[0], started
     assert {p: p.stat().st_mtime_ns for p in done_dir.rglob("*") if p.is_file()} == mtimes
     client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("sweep-resume")
+    exp = client.get_experiment_by_name(experiment)
     parents = client.search_runs([exp.experiment_id], "tags.`pgseg.sweep_key` LIKE 'sweep:%'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     rows = _summary(client, parents[0].info.run_id)
     assert [(r["trial"], r["status"], r["steps"]) for r in rows] == [("GroupViT", "finished", "8/8"),
                                                                      ("PGSeg", "finished", "8/8")]
-    children = _children(client, "sweep-resume", parents[0].info.run_id)
-    assert len(children) == 2
+    children = _children(client, experiment, parents[0].info.run_id)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     for child in children:  # each step logged once, also for the trial that was cut and continued
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
         assert steps == sorted(set(steps)) and max(steps) == 8

@@ -9,31 +9,10 @@ import pytest
 import torch
 
 from pgseg.config import ConfigError, load_config
-from pgseg.train import STATE_FILE, TrainStep, build_optimizer, learning_rate, parameter_groups
+from pgseg.train import TrainStep, build_optimizer, learning_rate, parameter_groups
 from pipelines.runtime import check_resources
 from pipelines.train import TrainingError, fit, parse_faults, plan_training
-
-BASE = ["data.batch_size=16", "schedule.epochs=1", "schedule.warmup_epochs=0.25", "train.cpus_per_worker=0.5",
-        "tracking.log_every=1", "train.checkpoint_every=4"]
-
-
-def _config(shapes_data, tmp_path, *overrides, tracking=None):
-    sets = [*BASE, f"data.shards=[{shapes_data['shards']}]", f"train.storage_path={tmp_path / 'runs'}",
-            f"tracking.uri={tracking or 'sqlite:///' + str(tmp_path / 'mlflow.db')}", *overrides]
-    return load_config("tiny", sets)
-
-
-def _state(checkpoint_path):
-    from pathlib import Path
-
-    return torch.load(Path(checkpoint_path) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def _history(uri, run_id, key):
-    from mlflow.tracking import MlflowClient
-
-    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
-
+from training_runs import checkpoint_state, history, tiny_config
 
 # ------------------------------------------------------------------------------------------------ unit level
 def test_no_weight_decay_on_1d_parameters_and_biases():
@@ -68,6 +47,7 @@ def test_schedule_warms_up_per_step_then_cosine_from_step_zero():
 
 def test_fault_spec_is_parsed_and_checked():
     assert parse_faults("kill@5:1,nan@3") == {"kill": (5, 1), "nan": (3, 0)}
+    assert parse_faults("killmid@7:1,killsave@12") == {"killmid": (7, 1), "killsave": (12, 0)}
     assert parse_faults(None) == {}
     with pytest.raises(ValueError, match="PGSEG_FAULT_INJECT"):
         parse_faults("explode@3")
@@ -79,21 +59,22 @@ def test_plan_errors_name_the_key(shapes_data, tmp_path):
     with pytest.raises(ConfigError, match="data.shards"):
         plan_training(load_config("tiny", [f"data.shards=[{tmp_path / 'nothing'}/*.tar]"]))
     with pytest.raises(ConfigError, match="data.batch_size"):
-        plan_training(_config(shapes_data, tmp_path, "data.batch_size=600"))
+        plan_training(tiny_config(shapes_data, tmp_path, "data.batch_size=600"))
     with pytest.raises(ConfigError, match="train.init_from"):
-        plan_training(_config(shapes_data, tmp_path, f"train.init_from={tmp_path / 'groupvit.pth'}"))
+        plan_training(tiny_config(shapes_data, tmp_path, f"train.init_from={tmp_path / 'groupvit.pth'}"))
     with pytest.raises(ConfigError, match="data.img_size"):
-        plan_training(_config(shapes_data, tmp_path, "data.img_size=32"))
+        plan_training(tiny_config(shapes_data, tmp_path, "data.img_size=32"))
     with pytest.raises(ConfigError, match="train.workers"):
-        check_resources(_config(shapes_data, tmp_path, "train.workers=3", "train.cpus_per_worker=1"), 2.0)
-    plan = plan_training(_config(shapes_data, tmp_path, "train.workers=2", "schedule.epochs=3"))
+        check_resources(tiny_config(shapes_data, tmp_path, "train.workers=3", "train.cpus_per_worker=1"), 2.0)
+    plan = plan_training(tiny_config(shapes_data, tmp_path, "train.workers=2", "schedule.epochs=3"))
     assert (plan.samples_per_epoch, plan.steps_per_epoch, plan.total_steps) == (512, 16, 48)
 
 
 @pytest.mark.parametrize("args, key", [(["--set", "train.nope=1"], "train.nope"),
                                        (["--set", "train.workers=two"], "train.workers"),
                                        (["--set", "train.workers=3", "--set", "train.cpus_per_worker=1"],
-                                        "train.workers")])
+                                        "train.workers"),
+                                       (["--set", "tracking.uri=http://127.0.0.1:9"], "tracking.uri")])
 def test_job_config_errors_fail_before_ray_starts(shapes_data, tmp_path, args, key):
     import subprocess
 
@@ -111,8 +92,8 @@ def test_job_config_errors_fail_before_ray_starts(shapes_data, tmp_path, args, k
 # ------------------------------------------------------------------------------------------------ on Ray
 def test_two_workers_learn_with_identical_replicas_and_the_global_batch(ray_local, shapes_data, tmp_path,
                                                                       mlflow_server, monkeypatch):
-    monkeypatch.setenv("PGSEG_FAULT_INJECT", "nan@6")  # one poisoned step, skipped by train.nonfinite=skip
-    config = _config(shapes_data, tmp_path, "train.workers=2", "schedule.epochs=2", "train.name=ddp",
+    monkeypatch.setenv("PGSEG_FAULT_INJECT", "nan@6:1")  # rank 1's loss poisoned: every rank skips that step
+    config = tiny_config(shapes_data, tmp_path, "train.workers=2", "schedule.epochs=2", "train.name=ddp",
                      "train.checkpoint_every=16", tracking=mlflow_server)
     plan = plan_training(config)
     result = fit(plan)
@@ -122,17 +103,17 @@ def test_two_workers_learn_with_identical_replicas_and_the_global_batch(ray_loca
 
     ranks = [torch.load(Path(result.checkpoint) / f"rank{r}.pt", weights_only=True)["digests"] for r in (0, 1)]
     assert ranks[0] == ranks[1]
-    assert all(torch.isfinite(v).all() for v in _state(result.checkpoint)["model"].values())
+    assert all(torch.isfinite(v).all() for v in checkpoint_state(result.checkpoint)["model"].values())
     # metrics read back from the MLflow server over HTTP: one value per step, the loss falls
-    loss = _history(mlflow_server, result.run_id, "loss")
+    loss = history(mlflow_server, result.run_id, "loss")
     assert [s for s, _ in loss] == [s for s in range(1, 33) if s != 7]  # step 7 (index 6) was non-finite: not logged
     first, last = [v for _, v in loss[:5]], [v for _, v in loss[-5:]]
     assert sum(last) / 5 < sum(first) / 5 - 0.05, (first, last)
-    assert {v for _, v in _history(mlflow_server, result.run_id, "global_batch")} == {32.0}  # 2 ranks × 16
-    assert _history(mlflow_server, result.run_id, "nonfinite_steps")[-1][1] == 1.0
+    assert {v for _, v in history(mlflow_server, result.run_id, "global_batch")} == {32.0}  # 2 ranks × 16
+    assert history(mlflow_server, result.run_id, "nonfinite_steps")[-1][1] == 1.0
     for key in ("loss/itc", "loss/pg_stage0", "loss/pg_text", "lr", "itc_scale", "pg_scale", "tnpr_grad_norm",
                 "hrs_kept_stage1", "images_per_s", "skips/bad_image", "time/data"):
-        assert _history(mlflow_server, result.run_id, key), key
+        assert history(mlflow_server, result.run_id, key), key
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(mlflow_server).get_run(result.run_id)
@@ -143,43 +124,10 @@ def test_two_workers_learn_with_identical_replicas_and_the_global_batch(ray_loca
 
 def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PGSEG_FAULT_INJECT", "nan@1")
-    config = _config(shapes_data, tmp_path, "train.nonfinite=stop", "train.name=nan", "tracking.enabled=false",
+    config = tiny_config(shapes_data, tmp_path, "train.nonfinite=stop", "train.name=nan", "tracking.enabled=false",
                      "data.batch_size=32")
     with pytest.raises(TrainingError, match="non-finite loss at step 1"):
         fit(plan_training(config))
-
-
-def test_stopped_resumed_and_killed_run_ends_like_an_uninterrupted_one(ray_local, shapes_data, tmp_path,
-                                                                       mlflow_server, monkeypatch):
-    """Reproducible settings; the run is stopped after step 4, started again by name, its worker SIGKILLed after
-    step 7 and restarted by Ray Train from the step-4 checkpoint: at step 16 model, optimiser and learning rate equal
-    those of an uninterrupted run, and MLflow holds one run with one value per step."""
-    sets = ["train.deterministic=true", "data.augment=false", "train.max_failures=1", "train.checkpoint_every=4",
-            "schedule.epochs=1", "data.batch_size=32"]  # 16 steps
-    reference = fit(plan_training(_config(shapes_data, tmp_path, *sets, "train.name=reference", tracking=mlflow_server)))
-    first = fit(plan_training(_config(shapes_data, tmp_path, *sets, "train.name=drill", "train.stop_after=4",
-                                      tracking=mlflow_server)))
-    assert (first.step, first.finished) == (4, False)
-    monkeypatch.setenv("PGSEG_FAULT_INJECT", "kill@7")
-    second = fit(plan_training(_config(shapes_data, tmp_path, *sets, "train.name=drill", tracking=mlflow_server)))
-    assert (tmp_path / "runs" / "drill" / ".faults" / "kill-7-0").is_file()  # the drill really fired
-    assert second.finished and second.step == reference.step == 16 and second.run_id == first.run_id
-    a, b = _state(reference.checkpoint), _state(second.checkpoint)
-    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
-    for index, state in a["optimizer"]["state"].items():
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(state[name], b["optimizer"]["state"][index][name]), (index, name)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("pgseg").experiment_id],
-                              filter_string="tags.`pgseg.run_key` LIKE '%/drill'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert [s for s, _ in _history(mlflow_server, second.run_id, "loss")] == list(range(1, 17))  # steps 5-7 ran twice
-    assert _history(mlflow_server, second.run_id, "lr") == _history(mlflow_server, reference.run_id, "lr")
-    assert _history(mlflow_server, second.run_id, "epoch")[-1] == (16, 1.0)
 
 
 def test_tracking_uri_follows_config_then_environment_then_local_sqlite(monkeypatch, tmp_path):

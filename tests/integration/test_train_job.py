@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, wait_for_http
+from conftest import REPO
+from mlflow_process import wait_for_http
 
 RAY = str(Path(sys.executable).parent / "ray")
 
