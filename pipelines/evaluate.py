@@ -21,7 +21,7 @@ from pgseg.evaluate import ClassificationResult, EvalResult, all_background_miou
 from pgseg.metrics import ConfusionMatrix
 from pgseg.segment import ProtocolSettings
 from pgseg.visualize import comparison
-from pipelines.data.ingest import shard_list
+from pipelines.data.ingest import TarShards, shard_list
 
 
 class SegmentActor:
@@ -146,11 +146,17 @@ def evaluate_classification(model_path: str, source: str, class_names_file: str,
     else:
         names = read_class_names(class_names_file)
         shards = shard_list([source])
-        raw = ray.data.read_webdataset(shards, decoder=None)
+        raw = ray.data.read_datasource(TarShards(shards))  # a damaged shard: its samples, then a named problem
 
         def rows(batch):
-            labels = [_label(c, k, len(names)) for c, k in zip(batch["cls"], batch["__key__"])]
-            return {"image": batch["jpg"], "label": np.array([l for l, _ in labels]),
+            n = len(batch["__key__"])
+            damage = batch["__error__"] if "__error__" in batch else [None] * n
+            labels = [(-1, f"{url}: {err} (after its last good sample)") if isinstance(err, str) else
+                      _label(c, k, len(names))
+                      for c, k, err, url in zip(batch.get("cls", [None] * n), batch["__key__"], damage, batch["__url__"])]
+            images = batch.get("jpg", [None] * n)  # a break's row has none (NaN)
+            return {"image": np.array([x if isinstance(x, bytes) else b"" for x in images], dtype=object),
+                    "label": np.array([l for l, _ in labels]),
                     "problem": np.array([e for _, e in labels], dtype=object)}
 
         ds = raw.map_batches(rows, batch_format="numpy")

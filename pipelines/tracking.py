@@ -153,11 +153,12 @@ class Tracker:
 
 # ------------------------------------------------------------------------------------------------ training runs
 def start_training_run(tracker: Tracker, experiment: str, run_name: str, run_key: str, params: dict[str, Any],
-                       config_yaml: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+                       config_yaml: str, tags: dict[str, str] | None = None, resume: bool = True) -> tuple[str, bool]:
     """The MLflow run of a training run: found again by its key (storage folder + name) when the run continues,
     created otherwise with the flattened config as params, ``tags`` (e.g. ``mlflow.parentRunId``) and the resolved
     config as an artifact. Returns (run id, whether it was resumed)."""
-    run_id, resumed = tracker.keyed_run(experiment, RUN_KEY_TAG, run_key, run_name, tags=tags, params=params)
+    run_id, resumed = tracker.keyed_run(experiment, RUN_KEY_TAG, run_key, run_name, tags=tags, params=params,
+                                        resume=resume)
     if not resumed:
         tracker.log_text(run_id, config_yaml, "config.yaml")
     return run_id, resumed

@@ -4,7 +4,8 @@ evaluate — in that order, in one working folder.
 Each finished stage writes its manifest (``pipelines.flow.manifest``). A stage is skipped when that manifest
 matches and its outputs are still there, and as long as no stage before it ran in this invocation; otherwise it
 runs, and so does every stage after it. A stage's manifest is removed before it starts, so a failed stage is redone
-by the next run (training continues from its latest checkpoint: the run keeps its name). One MLflow run per
+by the next run (training continues from its latest checkpoint, a download keeps its finished shards; when the
+stage's inputs changed instead, its earlier folder is moved aside, kept, and the stage starts over). One MLflow run per
 workflow links the stages' runs: the training run is its child, the evaluation logs into the training run and its
 mIoU is copied onto the workflow run.
 """
@@ -85,6 +86,7 @@ def run_workflow(experiment: Experiment, *, redo: list[str] = (), printer: Calla
         manifest_path(root, stage).unlink(missing_ok=True)
         printer(f"[{stage}] running")
         start = time.perf_counter()
+        ctx.input_hash = input_hash
         try:
             record = RUNNERS[stage](ctx)
         except Exception as exc:  # noqa: BLE001 - reported, recorded on the workflow run, and re-raised by the caller

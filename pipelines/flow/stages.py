@@ -22,6 +22,8 @@ from pipelines.runtime import start_ray
 from pipelines.tracking import Tracker, log_eval, log_manifest
 from pipelines.train import BEST_MODEL_FILE, TrainingError, fit, plan_training
 
+STAGE_INPUTS = ".{name}.inputs.json"  # beside the shards and training run folders: the inputs they were made with
+
 
 @dataclass
 class Context:
@@ -33,6 +35,7 @@ class Context:
     ray_started: bool = False
     printer: Callable[[str], None] = print
     train_config: Config | None = None  # the resolved training config, made once per run
+    input_hash: str = ""  # the inputs of the stage running now (its section and the stages before it)
 
     def ray(self) -> None:
         if not self.ray_started:
@@ -74,6 +77,7 @@ def stage_sources(ctx: Context) -> StageRecord:
 def stage_download(ctx: Context) -> StageRecord:
     spec = ctx.experiment.download
     shards = ctx.root / "shards"
+    start_over_if_inputs_changed(ctx, shards, "download")
     previous = ctx.records.get("sources")
     if spec.distributor == "ray":
         ctx.ray()
@@ -99,8 +103,9 @@ def stage_download(ctx: Context) -> StageRecord:
 def stage_train(ctx: Context) -> StageRecord:
     config = ctx.train_config
     plan = plan_training(config)
+    fresh = start_over_if_inputs_changed(ctx, plan.local_run_dir, "train")
     ctx.ray()
-    result = fit(plan)  # checks the cluster's resources first
+    result = fit(plan, fresh=fresh)  # checks the cluster's resources first
     if result.run_id:
         ctx.link_child(result.run_id)
     if not result.finished or not result.model_file:
@@ -115,6 +120,30 @@ def stage_train(ctx: Context) -> StageRecord:
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float)) and k.startswith("eval/")}
     return StageRecord("train", "", value_digest([file_digest(p) for p in outputs.values()]), outputs, 0.0, result.run_id,
                        metrics)
+
+
+def start_over_if_inputs_changed(ctx: Context, folder: Path | None, stage: str) -> bool:
+    """A stage's output folder is continued only with the inputs it was started with (a failed stage run again:
+    img2dataset keeps its finished shards, training its checkpoints). When they changed (the stage's section, or
+    the stages before it), the folder is moved aside, kept, and the stage starts over. Returns whether it does."""
+    if folder is None:  # storage elsewhere (s3://): its runs are named by the user
+        return False
+    mark = folder.with_name(STAGE_INPUTS.format(name=folder.name))  # beside it: img2dataset owns the shards folder
+    try:
+        before = json.loads(mark.read_text())["input_hash"]
+    except (OSError, ValueError, KeyError):
+        before = None
+    fresh = False
+    if before != ctx.input_hash and folder.is_dir() and any(folder.iterdir()):
+        stem = f"{folder.name}@{(before or 'earlier')[:12]}"
+        aside = next(folder.with_name(stem + (f".{n}" if n else "")) for n in range(1000)
+                     if not folder.with_name(stem + (f".{n}" if n else "")).exists())
+        folder.rename(aside)
+        ctx.printer(f"{stage}: its inputs changed since {folder} was made: that is now {aside}; {stage} starts over")
+        fresh = True
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(mark, {"input_hash": ctx.input_hash})
+    return fresh
 
 
 def stage_evaluate(ctx: Context) -> StageRecord:

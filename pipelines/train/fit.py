@@ -44,10 +44,11 @@ class TrainResult:
 
 
 def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags: dict[str, str] | None = None,
-        run_params: dict[str, Any] | None = None) -> TrainResult:
+        run_params: dict[str, Any] | None = None, fresh: bool = False) -> TrainResult:
     """Train on the attached Ray cluster. ``dataset`` replaces the ingest of ``data.shards`` (a Ray dataset with
     ``image`` [3, S, S] float32 and ``tokens`` int64 columns); ``callbacks`` are Ray Train callbacks (a sweep's
-    ``TuneReportCallback``); ``run_tags`` and ``run_params`` go on a new MLflow run besides the config."""
+    ``TuneReportCallback``); ``run_tags`` and ``run_params`` go on a new MLflow run besides the config. ``fresh``:
+    a new MLflow run even when one of this run's key exists (its storage folder was started over)."""
     config, t = plan.config, plan.config.train
     check_resources(config, *cluster_resources())
     counter = None
@@ -65,7 +66,7 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
                   "run.total_steps": plan.total_steps, "run.samples_per_epoch": plan.samples_per_epoch,
                   **(run_params or {})}
         run_id, resumed = start_training_run(tracker, config.tracking.experiment, config.tracking.run_name or plan.name,
-                                             plan.run_key, params, dump_config(config), run_tags)
+                                             plan.run_key, params, dump_config(config), run_tags, resume=not fresh)
         log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
     marker_dir = plan.local_run_dir or Path(tempfile.gettempdir()) / "pgseg-faults" / plan.name
     faults = os.environ.get(FAULT_ENV)

@@ -124,3 +124,12 @@ def test_eval_classification_names_a_bad_label(ray_local, trained_tiny, single_s
                str(single_shapes["root"] / "ordered.txt"), "--no-track"])
     err = capsys.readouterr().err
     assert rc == 2 and "sample 000003: label 9 is outside 0..3" in err
+    cut = tmp_path / "cut.tar"
+    data = single_shapes["tar"].read_bytes()
+    with tarfile.open(single_shapes["tar"]) as src:
+        members = src.getmembers()
+    cut.write_bytes(data[: members[6].offset + 100])  # inside the header of the fourth sample's image
+    rc = main(["--checkpoint", str(trained_tiny), "--classification", str(cut), "--class-names",
+               str(single_shapes["root"] / "ordered.txt"), "--no-track"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{cut}: damaged_tar (after its last good sample)" in err

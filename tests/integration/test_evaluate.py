@@ -77,3 +77,50 @@ def test_eval_names_a_bad_mask_and_logs_nothing(ray_local, trained_tiny, shapes_
     client = MlflowClient(mlflow_server)
     assert {e.name for e in client.search_experiments()} == experiments_before
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+
+
+def _val_samples(shapes_data):
+    from pgseg.datasets import open_dataset
+
+    return open_dataset(f"voc:{shapes_data['val']}")
+
+
+@pytest.mark.parametrize("true_labels", [False, True], ids=["protocol", "true_label_guidance"])
+def test_the_ray_data_evaluation_gives_the_in_process_figures(ray_local, trained_tiny, shapes_data, true_labels):
+    """The cluster path (actors, batches, counts sent back as bytes) and the in-process path (training's dev
+    evaluation) add up the same confusion counts: equal per-class IoU, mIoU and all-background baseline."""
+    from pgseg.checkpoint import load_model
+    from pgseg.evaluate import evaluate_in_process
+    from pgseg.segment import ProtocolSettings
+    from pipelines.evaluate import evaluate
+
+    dataset = _val_samples(shapes_data)
+    settings = ProtocolSettings(bg_thresh=0.5)
+    on_ray = evaluate(str(trained_tiny), dataset, settings, overlays=0, true_labels=true_labels, progress=False)
+    scores, baseline = evaluate_in_process(load_model(trained_tiny)[0], dataset, settings, true_labels)
+    assert on_ray.images == len(dataset) == 8
+    assert np.array_equal(np.array(on_ray.scores.iou), np.array(scores.iou), equal_nan=True)
+    assert on_ray.scores.miou == scores.miou and on_ray.baseline_miou == baseline
+
+
+def test_true_label_guidance_keeps_only_the_classes_of_the_ground_truth(trained_tiny, shapes_data):
+    from pgseg.checkpoint import load_model
+    from pgseg.evaluate import dataset_segmenter, score_sample
+    from pgseg.segment import ProtocolSettings
+
+    dataset = _val_samples(shapes_data)
+    segmenter = dataset_segmenter(load_model(trained_tiny)[0], dataset.class_names, ProtocolSettings(bg_thresh=0.5))
+    outside = 0
+    for sample in dataset:
+        present = None
+        for guided in (False, True):
+            *_, labels, _, target = score_sample(segmenter, str(sample.image), str(sample.mask),
+                                                 len(dataset.class_names), dataset.reader, guided)
+            present = set(np.unique(target[target != 255]).tolist()) | {0}
+            predicted = set(np.unique(labels).tolist())
+            if guided:
+                assert predicted <= present, (sample.id, predicted, present)
+            else:
+                outside += bool(predicted - present)
+    assert outside > 0  # unguided, the model does name absent classes: the guidance had something to do
+

@@ -115,6 +115,61 @@ def test_asha_stops_a_diverging_trial_early(ray_local, shapes_data, mlflow_serve
     assert stopped.info.status == "KILLED" and "asha scheduler at step" in stopped.data.tags["pgseg.state"]
     assert max(m.step for m in client.get_metric_history(stopped.info.run_id, "grad_norm")) < 16
     assert result.best is good
+    # the control: the same diverging trial without a scheduler trains to the end (nothing else would stop it)
+    from pipelines.train import fit, plan_training
+
+    control = fit(plan_training(spec.config({"optim.lr": 1e4, "train.name": "control", "tracking.enabled": False,
+                                             "train.storage_path": str(tmp_path / "control")})))
+    assert control.finished and control.step == 16 and control.metrics["nonfinite_steps"] > 0
+
+
+def test_a_sweep_survives_training_workers_killed_at_random(ray_local, shapes_data, mlflow_server, tmp_path):
+    """Chaos: during a 4-trial sweep, up to 3 Ray Train worker processes, picked by a seeded generator at seeded
+    moments (bounded in count and time), are SIGKILLed. Each trial restarts its worker from its latest checkpoint
+    (train.max_failures); every trial finishes, every trial's MLflow run ends FINISHED with each step logged once."""
+    import random
+    import threading
+
+    from mlflow.tracking import MlflowClient
+    from ray.util.state import list_actors
+
+    from pipelines.tune import load_sweep, run_sweep
+
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=8, experiment="sweep-chaos")
+    spec = load_sweep(_sweep(tmp_path, "chaos", base, metric="eval/val/mIoU",
+                             set=["train.max_failures=3", "train.checkpoint_every=2"],
+                             space={"train.seed": {"grid": [0, 1, 2, 3]}}))
+    rng, killed, stop = random.Random(15), [], threading.Event()
+
+    def chaos() -> None:
+        deadline = time.monotonic() + 600
+        while not stop.is_set() and len(killed) < 3 and time.monotonic() < deadline:
+            stop.wait(rng.uniform(5, 15))
+            workers = sorted(a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                                  ("state", "=", "ALIVE")]) if a.pid)
+            if workers and not stop.is_set():
+                pid = rng.choice(workers)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    try:
+        result = run_sweep(spec, printer=lambda _: None)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert 1 <= len(killed) <= 3
+    assert [(r.status, r.step) for r in result.rows] == [("finished", 8)] * 4
+    client = MlflowClient(mlflow_server)
+    children = _children(client, "sweep-chaos", result.run_id)
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert sorted(steps) == list(range(2, 9, 2)), steps  # log_every=2: each step once, none lost
 
 
 def _cli(args: list[str], **kwargs) -> subprocess.Popen:

@@ -40,7 +40,8 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     from pipelines.flow import WorkflowError, load_experiment, run_workflow
     from pipelines.flow.manifest import read_record
 
-    experiment = load_experiment(_experiment(tmp_path, mlflow_server))
+    path = _experiment(tmp_path, mlflow_server)
+    experiment = load_experiment(path)
     root = experiment.root
     # 1. training is made to fail (a non-finite loss at step 5 with nonfinite=stop): the stages before it are done
     monkeypatch.setenv("PGSEG_FAULT_INJECT", "nan@5")
@@ -84,6 +85,22 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     # 4. asked to redo evaluation: only evaluation runs
     fourth = run_workflow(experiment, redo=["evaluate"], printer=lambda _: None)
     assert _statuses(fourth) == {"sources": "skipped", "download": "skipped", "train": "skipped", "evaluate": "ran"}
+    # 5. the download section changed (smaller images): download, train and evaluate run again; the training run
+    #    starts over (the earlier one moved aside and kept, its MLflow run too) instead of continuing on other data
+    from pipelines.digest import file_digest
+
+    model = root / "runs" / "wf" / "model.safetensors"
+    trained_before = file_digest(model)
+    fifth = run_workflow(load_experiment(path, ["download.image_size=48"]), printer=lambda _: None)
+    assert _statuses(fifth) == {"sources": "skipped", "download": "ran", "train": "ran", "evaluate": "ran"}
+    assert {p.name for p in (root / "shards").glob("*.tar")} == set(shards_before)
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")} != shards_before
+    aside = [p for p in (root / "runs").iterdir() if p.name.startswith("wf@")]
+    assert len(aside) == 1 and file_digest(aside[0] / "model.safetensors") == trained_before
+    assert file_digest(model) != trained_before
+    new_train = next(o.record.run_id for o in fifth.outcomes if o.stage == "train")
+    assert new_train != train_id and client.get_run(train_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(new_train, "loss")) == [4, 8, 12, 16]  # from step 1 on
 
 
 def test_a_changed_section_reruns_that_stage_and_the_ones_after(tmp_path):

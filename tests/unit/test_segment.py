@@ -205,6 +205,28 @@ def test_miou_equals_brute_force_per_class_counts():
         cm.update(torch.tensor([[0, 1, 2]]), torch.tensor([[7, 9, 255]]), source="x.png")
 
 
+def test_a_class_absent_from_the_dataset_is_nan_and_left_out_unless_it_was_predicted():
+    """mmseg's rule: a class in neither ground truth nor prediction has no IoU (nan, not in the mean); a class the
+    model predicts but the dataset never shows has IoU 0 and pulls the mean down."""
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 255]])
+    pred = torch.tensor([[0, 0, 1, 3], [0, 2, 1, 2]])  # 2 and 3: absent from the ground truth, predicted once each
+    cm = ConfusionMatrix(5, class_names=["bg", "a", "b", "c", "d"])  # d (4): absent from both
+    cm.update(pred, target)
+    scores = cm.scores()
+    valid = target != 255
+    expected = []
+    for c in range(5):
+        p, t = (pred == c) & valid, (target == c) & valid
+        union = int((p | t).sum())
+        expected.append(int((p & t).sum()) / union if union else float("nan"))
+    assert np.allclose(scores.iou, expected, equal_nan=True)
+    assert np.isnan(scores.iou[4]) and scores.iou[2] == scores.iou[3] == 0.0
+    assert scores.miou == pytest.approx(np.mean(expected[:4]))  # d left out, b and c counted as 0
+    assert np.isnan(scores.accuracy[2]) and np.isnan(scores.accuracy[4])  # no ground-truth pixel: no accuracy
+    assert scores.macc == pytest.approx(np.mean([scores.accuracy[0], scores.accuracy[1]]))
+    assert [row["class"] for row in scores.table()] == ["bg", "a", "b", "c", "d"]
+
+
 def test_pgseg_segment_writes_masks_overlays_and_areas_and_skips_unreadable_files(tmp_path, capsys):
     import json
 

@@ -119,3 +119,27 @@ def test_the_averaged_map_before_the_resize_matches(encoded_once, reference):
                 # overlaps: the background channel is the fraction of covering windows that call the pixel background
                 if bg is not None:  # 1, 2 or 4 windows cover a pixel here
                     assert torch.equal((avg[0] * 4).round(), avg[0] * 4)
+
+
+def test_raising_the_background_threshold_only_turns_pixels_into_background(encoded_once, fixture_dir):
+    """On the released model's images: no background at 0; each higher threshold keeps every background pixel and
+    every other pixel's class, group by group; between none and all, images come out mixed (as the release's own
+    labels at 0.045 and 0.1 are)."""
+    reference = Reference.load(fixture_dir)
+    names = reference.meta["class_lists"]["c6"]
+    thresholds = [0.0, 0.02, 0.045, 0.07, 0.1, 0.2, 0.5, 0.95, 1.0]
+    segmenters = [Segmenter(encoded_once, names, ProtocolSettings(bg_thresh=t)) for t in thresholds]
+    mixed = 0
+    for image in IMAGES:
+        maps = [s.segment(*reference.image(image)).labels for s in segmenters]
+        fractions = [float((m == 0).double().mean()) for m in maps]
+        assert fractions[0] == 0.0, (image, fractions)
+        for low, high in zip(maps, maps[1:]):
+            assert bool(((low == 0) <= (high == 0)).all()), image  # background stays background
+            assert bool((high[high != 0] == low[high != 0]).all()), image  # the rest keep their class
+        mixed += sum(0.0 < f < 1.0 for f in fractions)
+        released = reference.tensors[f"{image}.c6.bg0.045.labels_pal"] if image != "img2" else None
+        if released is not None:
+            labels = released.long()[reference.tensors[f"{image}.sig"].long()]
+            assert torch.equal(labels, maps[thresholds.index(0.045)])
+    assert mixed > 0
