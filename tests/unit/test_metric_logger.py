@@ -5,7 +5,10 @@ import time
 from pipelines.tracking import MetricLogger
 
 
-def test_a_server_that_never_answers_blocks_nothing_and_every_value_is_accounted_for():
+def test_a_server_that_never_answers_blocks_nothing_and_every_value_is_accounted_for(monkeypatch):
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):  # set by the logger: undone after
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "0" if name.endswith("RETRIES") else "10")
     logger = MetricLogger("http://127.0.0.1:9", "run", flush_every=1, capacity=10, retry_s=0.05)
     started = time.monotonic()
     for step in range(1, 26):
