@@ -15,11 +15,13 @@ import ray.data
 from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import AUTO_RESULT_KEYS
 
 from pgseg.fileio import atomic_write_json
 from pipelines.train import TrainingError, fit, plan_training
 from pipelines.tune.spec import SweepSpec, Variant, trial_label
 
+TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}  # Tune fills these in
 ENDED_DIR = "ended"  # one mark per trial that ended (finished, stopped by the scheduler or failed)
 
 
@@ -150,8 +152,9 @@ class SweepProgress(Callback):
 
     def _ended(self, trial: Any, how: str) -> None:
         """The mark (with the last result's values) comes first: a driver killed after it still knows the end."""
-        result = {k: v for k, v in (trial.last_result or {}).items()
-                  if isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and not math.isfinite(v))}
+        result = {k: v for k, v in (trial.last_result or {}).items()  # the trial's own metrics, not Tune's keys
+                  if k not in TUNE_KEYS and isinstance(v, (int, float, str, bool))
+                  and not (isinstance(v, float) and not math.isfinite(v))}
         atomic_write_json(Path(self.trial_setup.spec.root) / ENDED_DIR / f"{trial.trial_id}.json",
                           {"ended": how, "result": result})
         print(f"[sweep] {self._label(trial)} {how}", flush=True)
