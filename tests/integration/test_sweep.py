@@ -229,6 +229,8 @@ def test_interrupted_sweep_resumes_only_the_unfinished_trial(ray_local, shapes_d
     assert second.returncode == 0, out[-3000:]
     started = [line for line in out.splitlines() if line.startswith("[sweep]") and line.endswith(" started")]
     assert len(started) == 1 and ended[0] not in started[0], started
+    if how == "SIGKILL":  # Tune restored the ended trial as unfinished: it gave its result and trained nothing
+        assert any(ended[0] in line and "had ended" in line for line in out.splitlines()), out[-3000:]
     assert {p: p.stat().st_mtime_ns for p in done_dir.rglob("*") if p.is_file()} == mtimes
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(experiment)
