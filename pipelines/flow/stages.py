@@ -136,8 +136,8 @@ def start_over_if_inputs_changed(ctx: Context, folder: Path | None, stage: str) 
     fresh = False
     if before != ctx.input_hash and folder.is_dir() and any(folder.iterdir()):
         stem = f"{folder.name}@{(before or 'earlier')[:12]}"
-        aside = next(folder.with_name(stem + (f".{n}" if n else "")) for n in range(1000)
-                     if not folder.with_name(stem + (f".{n}" if n else "")).exists())
+        names = (stem if n == 0 else f"{stem}.{n}" for n in range(1000))
+        aside = next(folder.with_name(name) for name in names if not folder.with_name(name).exists())
         folder.rename(aside)
         ctx.printer(f"{stage}: its inputs changed since {folder} was made: that is now {aside}; {stage} starts over")
         fresh = True
