@@ -80,7 +80,7 @@ def main() -> None:
         ingest = Ingest([shards], img_size=SIZE, context_length=CONTEXT, train=True)
         ray_t, plain_t = [], []
         for r in range(args.rounds + 1):  # the first round warms both up and is not counted
-            t_ray, n_ray = _time(ingest.dataset(epoch=r).iter_torch_batches(batch_size=BATCH))
+            t_ray, n_ray = _time(ingest.dataset(r).iter_torch_batches(batch_size=BATCH))
             t_plain, n_plain = _time(_plain_pipeline(shards, args.workers))
             assert n_ray == n_plain == manifest["samples"], (n_ray, n_plain)
             if r:

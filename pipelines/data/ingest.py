@@ -69,20 +69,27 @@ def manifest_samples(sources: list[str]) -> int | None:
     return total
 
 
-def epoch_shards(sources: list[list[str]], weights: list[float] | None, epoch: int, seed: int) -> list[str]:
-    """The shard order of one epoch: shuffled with (seed, epoch); with weights, each source contributes shards in
-    proportion to its weight (sampled with replacement when it has fewer than its share)."""
-    rng = random.Random(seed * 1_000_003 + epoch)
+def pass_shards(sources: list[list[str]], weights: list[float] | None, pass_index: int, seed: int) -> list[str]:
+    """The shard order of one pass over the data, drawn from (seed, pass): a new order every pass. With weights,
+    each source gives a share of the pass's shards in proportion to its weight (as many shards in all as the sources
+    hold); a source walks through its shards in seeded permutations, one after the other, so over the run each of
+    its shards is read equally often (a source smaller than its share repeats shards within a pass)."""
+    order = random.Random(f"pass/{seed}/{pass_index}")  # a str seed hashes the same in every process
     if weights is None or len(sources) == 1:
         shards = [s for group in sources for s in group]
-        rng.shuffle(shards)
+        order.shuffle(shards)
         return shards
     total = sum(len(g) for g in sources)
     out: list[str] = []
-    for group, w in zip(sources, weights):
+    for g, (group, w) in enumerate(zip(sources, weights)):
         share = max(1, round(total * w / sum(weights)))
-        out += rng.sample(group, share) if share <= len(group) else [rng.choice(group) for _ in range(share)]
-    rng.shuffle(out)
+        cycles: dict[int, list[str]] = {}
+        for i in range(pass_index * share, (pass_index + 1) * share):
+            cycle, at = divmod(i, len(group))
+            if cycle not in cycles:
+                cycles[cycle] = random.Random(f"source/{seed}/{g}/{cycle}").sample(group, len(group))
+            out.append(cycles[cycle][at])
+    order.shuffle(out)
     return out
 
 
@@ -161,7 +168,7 @@ class Preprocess:
     loss, K noun prompts per caption); bad rows dropped and counted."""
 
     def __init__(self, img_size: int, context_length: int, min_scale: float, counter: Any, train: bool = True,
-                 multi_label: int = 0, noun_vocabulary: str | None = None, seed: int | None = None):
+                 multi_label: int = 0, noun_vocabulary: str | None = None, seed: tuple[int, ...] | None = None):
         self.img_size, self.context_length, self.min_scale = img_size, context_length, min_scale
         self.counter, self.train = counter, train
         self.multi_label, self.noun_vocabulary, self.seed = multi_label, noun_vocabulary, seed
@@ -181,7 +188,7 @@ class Preprocess:
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         if self.seed is not None:  # reproducible: the stream follows the batch's own keys, not the task
             keys = "".join(str(k) for k in batch.get("__key__", pd.Series(dtype=object)).tolist())
-            self.rng = np.random.default_rng([self.seed, zlib.crc32(keys.encode())])
+            self.rng = np.random.default_rng([*self.seed, zlib.crc32(keys.encode())])
         elif self.rng is None:
             self.rng = np.random.default_rng()
         skips: Counter[str] = Counter()
@@ -219,7 +226,8 @@ class Preprocess:
 
 @dataclass
 class Ingest:
-    """One training data source for Ray Train: ``dataset(epoch)`` for the trainer, ``skips()`` for the logs."""
+    """One training data source for Ray Train: ``dataset(pass_index)`` for each pass over the data (its shard order
+    and, when deterministic, its augmentation drawn from (seed, pass)), ``skips()`` for the logs."""
 
     sources: list[list[str]]
     img_size: int
@@ -239,13 +247,16 @@ class Ingest:
     def from_paths(cls, paths: list[str], **kw: Any) -> "Ingest":
         return cls([shard_list([p]) for p in paths], **kw)
 
-    def dataset(self, epoch: int = 0) -> ray.data.Dataset:
-        shards = epoch_shards(self.sources, self.weights, epoch, self.seed) if self.train else \
+    def dataset(self, pass_index: int = 0) -> ray.data.Dataset:
+        shards = pass_shards(self.sources, self.weights, pass_index, self.seed) if self.train else \
             [s for g in self.sources for s in g]
         ds = ray.data.read_datasource(TarShards(shards))
         udf = Preprocess(self.img_size, self.context_length, self.min_scale, self.counter, self.train,
-                         self.multi_label, self.noun_vocabulary, self.seed + epoch if self.deterministic else None)
-        return ds.map_batches(udf, batch_format="pandas", batch_size=256)
+                         self.multi_label, self.noun_vocabulary, (self.seed, pass_index) if self.deterministic else None)
+        ds = ds.map_batches(udf, batch_format="pandas", batch_size=256)
+        if self.deterministic:  # blocks in the order of the shard list, whichever task finished first
+            ds.context.execution_options.preserve_order = True
+        return ds
 
     def skips(self) -> dict[str, int]:
         return ray.get(self.counter.totals.remote())

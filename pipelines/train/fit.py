@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray.train
-from ray.data import ExecutionOptions
+from ray.data import ExecutionResources
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -43,21 +42,18 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags: dict[str, str] | None = None,
+def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | None = None,
         run_params: dict[str, Any] | None = None, fresh: bool = False) -> TrainResult:
-    """Train on the attached Ray cluster. ``dataset`` replaces the ingest of ``data.shards`` (a Ray dataset with
-    ``image`` [3, S, S] float32 and ``tokens`` int64 columns); ``callbacks`` are Ray Train callbacks (a sweep's
-    ``TuneReportCallback``); ``run_tags`` and ``run_params`` go on a new MLflow run besides the config. ``fresh``:
-    a new MLflow run even when one of this run's key exists (its storage folder was started over)."""
+    """Train on the attached Ray cluster. ``callbacks`` are Ray Train callbacks (a sweep's ``TuneReportCallback``);
+    ``run_tags`` and ``run_params`` go on a new MLflow run besides the config. ``fresh``: a new MLflow run even when
+    one of this run's key exists (its storage folder was started over)."""
     config, t = plan.config, plan.config.train
     check_resources(config, *cluster_resources())
-    counter = None
-    if dataset is None:
-        ingest = Ingest(plan.shards, config.data.img_size, config.model.text.context_length, config.data.min_scale,
-                        config.data.weights, config.data.seed, train=config.data.augment,
-                        multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
-                        deterministic=t.deterministic)
-        dataset, counter = ingest.dataset(0), ingest.counter
+    ingest = Ingest(plan.shards, config.data.img_size, config.model.text.context_length, config.data.min_scale,
+                    config.data.weights, config.data.seed, train=config.data.augment,
+                    multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
+                    deterministic=t.deterministic)
+    reserved = ExecutionResources(cpu=t.workers * t.cpus_per_worker, gpu=t.workers if t.use_gpu else 0)
     tracker = Tracker(config.tracking.uri, check=True) if config.tracking.enabled else None
     uri = tracker.uri if tracker else None
     run_id = None
@@ -71,15 +67,11 @@ def fit(plan: Plan, *, dataset: Any = None, callbacks: list[Any] = (), run_tags:
     marker_dir = plan.local_run_dir or Path(tempfile.gettempdir()) / "pgseg-faults" / plan.name
     faults = os.environ.get(FAULT_ENV)
     parse_faults(faults)  # a malformed drill fails here, not in the workers
-    loop = LoopSettings(config, plan.steps_per_epoch, plan.total_steps, run_id, uri, counter, faults,
+    loop = LoopSettings(config, plan.steps_per_epoch, plan.total_steps, run_id, uri, ingest, reserved, faults,
                         str(marker_dir / ".faults"),
                         str(plan.local_run_dir / BEST_MODEL_FILE) if plan.local_run_dir else None)
-    extra = {}
-    if t.deterministic:
-        extra["dataset_config"] = ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True))
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop, datasets={"train": dataset},
-        torch_config=torch_config(on_loopback()), **extra,
+    trainer = TorchTrainer(  # no datasets: the workers read the data pass by pass (pipelines/train/passes.py)
+        train_loop_per_worker, train_loop_config=loop, torch_config=torch_config(on_loopback()),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=list(callbacks),

@@ -8,21 +8,23 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.data import ExecutionResources
 from ray.train import Checkpoint
 
 from pgseg.config import Config
 from pgseg.distributed import Collectives
 from pgseg.train import DevEvaluation, TrainStep, load_state, save_state, set_rng_state
 from pipelines.ray_private import quiet_train_reports
+from pipelines.data.ingest import Ingest
 from pipelines.tracking import MetricLogger
 from pipelines.train.faults import kill_in_backward, kill_once, parse_faults
-from pipelines.train.plan import TrainingError
+from pipelines.train.passes import pass_batches
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +38,11 @@ class LoopSettings:
     total_steps: int
     run_id: str | None  # the MLflow run rank 0 logs into
     tracking_uri: str | None
-    skip_counter: Any  # the ingest's counting actor (or None)
+    ingest: Ingest  # the training data, read pass by pass
+    reserved: ExecutionResources  # what the training workers hold (the data's tasks leave it to them)
     faults: str | None
     fault_marker_dir: str
     best_model: str | None  # where rank 0 writes the best model by the first dev set
-
-
-def batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int | None, device: torch.device,
-            skip: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-    """Endless batches from this worker's split: pass after pass (every worker's passes have the same length, so
-    the ranks start their passes together). Yields (batch, index of the batch in its pass)."""
-    passes = 0
-    while True:
-        n = 0
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=shuffle_buffer or None,
-                                              local_shuffle_seed=None if seed is None else seed + passes):
-            n += 1
-            if n <= skip:
-                continue
-            yield batch, n - 1
-        if n == 0:
-            raise TrainingError(f"this worker's data split holds no complete batch of {batch_size}: "
-                                f"lower data.batch_size or add data")
-        skip, passes = 0, passes + 1
 
 
 def _ddp(model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
@@ -80,12 +63,13 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     checkpoint = ray.train.get_checkpoint()
     step_fn = TrainStep(config, steps_per_epoch, device, world=world, init=checkpoint is None, wrap=_ddp)
-    step, in_pass, nonfinite, best = 0, 0, 0, float("-inf")
+    step, position, nonfinite, best = 0, (0, 0), 0, float("-inf")
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state, rng = load_state(folder, rank)
         step_fn.load_state_dict(state)
-        step, in_pass, nonfinite = state["step"], state["batches_in_pass"], state["nonfinite_steps"]
+        step, nonfinite = state["step"], state["nonfinite_steps"]
+        position = (state.get("data_pass", 0), state["batches_in_pass"])
         best = state.get("best_eval", best)
         if rng is not None and state["world_size"] == world.world:
             set_rng_state(rng)
@@ -97,8 +81,11 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         if rank == 0 and loop.run_id else None
     if metrics_log is not None and checkpoint is not None:
         metrics_log.event("resumed_from_step", step, step)  # one value per restart, whatever the floor
-    stream = batches(ray.train.get_dataset_shard("train"), data.batch_size, data.shuffle_buffer,
-                     data.seed if t.deterministic else None, device, skip=in_pass if t.deterministic else 0)
+    # deterministic: the interrupted pass again in the same order, its done batches skipped; otherwise that pass
+    # again from its start, in a new order (each of its samples comes at least once)
+    stream = pass_batches(loop.ingest, world, loop.reserved, data.batch_size, data.shuffle_buffer,
+                          data.seed if t.deterministic else None, device, start_pass=position[0],
+                          skip=position[1] if t.deterministic else 0)
     stop_at = min(total, t.stop_after or total)
     e = config.eval
     eval_every = e.every_steps or e.every_epochs * steps_per_epoch if e.datasets else 0
@@ -107,7 +94,7 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
 
-    def save(metrics: dict[str, Any], at_step: int, consumed: int) -> None:
+    def save(metrics: dict[str, Any], at_step: int, at: tuple[int, int]) -> None:
         """Report ``metrics`` with a checkpoint of the training state."""
         if metrics_log is not None:
             metrics_log.flush()
@@ -115,7 +102,8 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
                 metrics.update(metrics_log.close())
         with tempfile.TemporaryDirectory() as folder:
             save_state(folder, step_fn, {"step": at_step, "epoch": at_step // steps_per_epoch,
-                                         "batches_in_pass": consumed, "nonfinite_steps": nonfinite,
+                                         "data_pass": at[0], "batches_in_pass": at[1],
+                                         "nonfinite_steps": nonfinite,
                                          "best_eval": best})
             if faults.get("killsave") == (at_step, rank):
                 kill_once(markers / f"killsave-{at_step}-{rank}")
@@ -124,7 +112,8 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
 
     while step < stop_at:
         t0 = time.perf_counter()
-        batch, in_pass = next(stream)
+        before = position  # where the data stands without this batch
+        batch, position = next(stream)
         timing["time/data"] += time.perf_counter() - t0
         armed = kill_in_backward(step_fn.model, markers / f"killmid-{step + 1}-{rank}") \
             if faults.get("killmid") == (step + 1, rank) else None
@@ -139,7 +128,7 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
             log.warning("non-finite loss at step %d: %s", step, "step skipped" if t.nonfinite == "skip" else "stopping")
             if t.nonfinite == "stop":  # a checkpoint of the last good state (this step changed nothing) says why
                 save({"step": step, "stopped": f"non-finite loss at step {step}", "nonfinite_steps": nonfinite},
-                     step, in_pass)
+                     step, before)
                 break
         step += 1
         if "kill" in faults and faults["kill"] == (step, rank):
@@ -157,8 +146,8 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
                                    "images_per_s": window_steps * step_fn.global_batch / (now - window_start)}
         metrics.update({k: float(v) for k, v in result.metrics.items()})
         metrics.update({k: v / window_steps for k, v in timing.items()})
-        if rank == 0 and loop.skip_counter is not None:
-            metrics.update({f"skips/{k}": v for k, v in ray.get(loop.skip_counter.totals.remote()).items()})
+        if rank == 0:
+            metrics.update({f"skips/{k}": v for k, v in loop.ingest.skips().items()})
         if scorer is not None and eval_now:  # the other ranks wait for rank 0 in the next gradient all-reduce
             latest_eval, best = scorer(step_fn.model, best)
             metrics.update(latest_eval)
@@ -167,7 +156,7 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         if metrics_log is not None:
             metrics_log.log(step, {k: v for k, v in metrics.items() if k not in ("step", "total_steps")})
         if checkpoint_now:  # Ray Train hears of metrics (and the latest eval scores, e.g. for Tune) with
-            save({**latest_eval, **metrics}, step, in_pass + 1)  # checkpoints only: a report is a barrier that
+            save({**latest_eval, **metrics}, step, position)  # checkpoints only: a report is a barrier that
             # costs about a second here, so per-step curves go to MLflow alone
     if metrics_log is not None:
         metrics_log.close()

@@ -63,6 +63,8 @@ def test_two_workers_stopped_then_killed_mid_step_and_mid_checkpoint_end_like_an
     assert run.info.status == "FINISHED"
     assert [s for s, _ in history(mlflow_server, second.run_id, "loss")] == list(range(1, 17))
     assert history(mlflow_server, second.run_id, "lr") == history(mlflow_server, reference.run_id, "lr")
+    # the same samples at every step (each pass has its own shard order: a resume in the wrong pass shows here)
+    assert history(mlflow_server, second.run_id, "loss") == history(mlflow_server, reference.run_id, "loss")
     assert history(mlflow_server, second.run_id, "epoch")[-1] == (16, 2.0)
     kept = sorted(p for p in (tmp_path / "runs" / "drill").iterdir() if p.name.startswith("checkpoint_step"))
     assert [p.name for p in kept] == ["checkpoint_step000000012", "checkpoint_step000000016"]
@@ -70,12 +72,14 @@ def test_two_workers_stopped_then_killed_mid_step_and_mid_checkpoint_end_like_an
         assert {STATE_FILE, RANK_FILE.format(rank=0), RANK_FILE.format(rank=1)} <= {p.name for p in folder.iterdir()}
         state, rng = load_state(folder, rank=1)
         assert state["step"] == int(folder.name[-9:]) and rng is not None
+    # the data position: 4 batches into the second pass at 12; at 16 the second pass done, the next one to read
+    assert [(s["data_pass"], s["batches_in_pass"]) for s in map(checkpoint_state, kept)] == [(1, 4), (2, 0)]
 
 
 def test_resume_without_reproducible_settings_keeps_step_schedule_and_epoch(ray_local, shapes_data, tmp_path):
-    """Without train.deterministic the data order is not replayed: a resumed run starts a new pass over the data
-    (samples of the interrupted pass may come again, others not in that pass). Step, learning rate and epoch are
-    exact: the schedule follows the step, not the data."""
+    """Without train.deterministic the data order is not replayed: a resumed run reads the interrupted pass again
+    from its start in a new order (its samples may come twice). Step, learning rate and epoch are exact: the
+    schedule follows the step, not the data."""
     sets = ["train.checkpoint_every=4", "data.batch_size=32", "schedule.epochs=1", "train.name=loose"]
     config = tiny_config(shapes_data, tmp_path, *sets)
     first = fit(plan_training(tiny_config(shapes_data, tmp_path, *sets, "train.stop_after=6")))

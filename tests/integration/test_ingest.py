@@ -5,7 +5,7 @@ import tarfile
 import pytest
 import torch
 
-from pipelines.data.ingest import Ingest, epoch_shards, shard_list
+from pipelines.data.ingest import Ingest, pass_shards, shard_list
 from pipelines.data.shapes_world import ShapesWorld
 
 
@@ -56,7 +56,7 @@ def _png(world, i):
 
 def test_batches_shapes_dtypes_and_exact_skip_counts(ray_local, shards):
     ingest = Ingest.from_paths([str(shards / "*.tar")], img_size=32, context_length=16, seed=0)
-    batches = list(ingest.dataset(epoch=0).iter_torch_batches(batch_size=4, drop_last=False))
+    batches = list(ingest.dataset(0).iter_torch_batches(batch_size=4, drop_last=False))
     images = torch.cat([b["image"] for b in batches])
     tokens = torch.cat([b["tokens"] for b in batches])
     assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
@@ -81,14 +81,31 @@ def test_through_ray_data_every_complete_sample_comes_once_and_each_break_once(r
     assert sorted(rows.loc[rows["__error__"].notna(), "__url__"].str[-9:]) == ["00002.tar", "00003.tar"]
 
 
-def test_epoch_shard_order_is_seeded_and_weights_mix_sources():
+def test_each_pass_has_its_own_shard_order_and_reads_every_shard():
     a = [f"a{i}.tar" for i in range(10)]
-    b = [f"b{i}.tar" for i in range(2)]
-    assert epoch_shards([a], None, 0, seed=1) == epoch_shards([a], None, 0, seed=1)
-    assert epoch_shards([a], None, 0, seed=1) != epoch_shards([a], None, 1, seed=1)
-    assert sorted(epoch_shards([a], None, 3, seed=1)) == sorted(a)
-    mixed = epoch_shards([a, b], [1.0, 1.0], 0, seed=0)
-    assert sum(s.startswith("a") for s in mixed) == 6 and sum(s.startswith("b") for s in mixed) == 6
+    orders = [pass_shards([a], None, p, seed=1) for p in range(3)]
+    assert orders[0] == pass_shards([a], None, 0, seed=1)  # drawn from (seed, pass) alone
+    assert orders[0] != pass_shards([a], None, 0, seed=2)
+    assert len({tuple(o) for o in orders}) == 3  # three passes, three orders
+    assert all(sorted(o) == sorted(a) for o in orders)  # each pass reads every shard once
+
+
+def test_weighted_mixing_reads_each_source_in_its_share_and_every_shard_of_it():
+    """Source a (12 shards, weight 3) and b (4 shards, weight 1): 16 shards a pass, 12 from a and 4 from b; over 10
+    passes a's shards are each read 10 times and b's 10 times (each source walks through seeded permutations of its
+    shards). With weights 1:1, b (4 shards) gives 8 a pass: its shards come twice a pass, a's 12 take turns."""
+    from collections import Counter
+
+    a = [f"a{i}.tar" for i in range(12)]
+    b = [f"b{i}.tar" for i in range(4)]
+    passes = [pass_shards([a, b], [3.0, 1.0], p, seed=0) for p in range(10)]
+    assert all(len(o) == 16 and sum(s.startswith("a") for s in o) == 12 for o in passes)
+    assert Counter(s for o in passes for s in o) == Counter({s: 10 for s in a + b})
+    even = [pass_shards([a, b], [1.0, 1.0], p, seed=0) for p in range(3)]
+    reads = Counter(s for o in even for s in o)
+    assert all(sum(s.startswith("b") for s in o) == 8 for o in even)
+    assert {reads[s] for s in b} == {6} and {reads[s] for s in a} == {2}  # 3 passes × 8 = 24 = 12 × 2
+    assert len({tuple(o) for o in even}) == 3
 
 
 def test_epoch_size_from_the_manifest(tmp_path):
@@ -112,7 +129,7 @@ def test_noun_prompts_for_the_multi_label_loss_and_seeded_augmentation(ray_local
     def run():
         ingest = Ingest.from_paths([str(shapes_data["shards"])], img_size=32, context_length=16, seed=3,
                                    multi_label=2, deterministic=True)
-        ds = ingest.dataset(epoch=0).limit(64)
+        ds = ingest.dataset(0).limit(64)
         return ds.take_batch(64, batch_format="numpy")
 
     a, b = run(), run()
@@ -123,3 +140,25 @@ def test_noun_prompts_for_the_multi_label_loss_and_seeded_augmentation(ray_local
     assert all(shape_tokens & set(row.ravel().tolist()) for row in a["nouns"])
     # deterministic: the same crops and prompts on a second read
     assert (a["image"] == b["image"]).all() and (a["nouns"] == b["nouns"]).all()
+
+
+def test_deterministic_augmentation_follows_the_pass(shapes_data):
+    """The same samples, seeded: the same crops, flips and noun prompts within a pass, new ones in the next pass."""
+    from pipelines.data.ingest import Preprocess
+    from pipelines.data.tar_reader import tar_samples
+    import pandas as pd
+
+    tar = sorted(shapes_data["shards"].glob("*.tar"))[0]
+    with open(tar, "rb") as stream:
+        rows = pd.DataFrame.from_records([s for s, _ in zip(tar_samples(stream, str(tar)), range(16))])
+
+    def augmented(pass_index):
+        udf = Preprocess(48, 16, 0.3, counter=None, multi_label=2, seed=(3, pass_index))
+        return udf(rows)
+
+    first, again, second = augmented(0), augmented(0), augmented(1)
+    assert first["image"].shape == (16, 3, 48, 48)
+    assert (first["image"] == again["image"]).all() and (first["nouns"] == again["nouns"]).all()
+    assert (first["tokens"] == second["tokens"]).all()  # the same captions
+    differ = [(first["image"][i] != second["image"][i]).any() for i in range(16)]
+    assert sum(differ) >= 12 and (first["nouns"] != second["nouns"]).any()
