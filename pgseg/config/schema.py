@@ -202,7 +202,9 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adamw"] = "adamw"
-    lr: float = 1.6e-3
+    lr: float = 1.6e-3  # as are schedule.warmup_lr and min_lr: for a global batch of batch_ref images
+    batch_ref: int = 4096  # the global batch the rates are given for (GroupViT's and the presets': 1024 × 4)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # rates × (global batch / batch_ref), its root, or 1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.05
@@ -210,6 +212,9 @@ class OptimConfig:
 
     def validate(self, key: str) -> None:
         _require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        _require(self.batch_ref >= 1, f"{key}.batch_ref", f"must be >= 1 (a global batch), got {self.batch_ref}")
+        _require(self.lr_scaling in ("linear", "sqrt", "none"), f"{key}.lr_scaling",
+                 f"must be linear, sqrt or none, got {self.lr_scaling!r}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
                  "must be two numbers in [0, 1)")
         _require(self.eps > 0, f"{key}.eps", "must be > 0")

@@ -52,8 +52,8 @@ class TrainStep:
         if t.use_gpu and world.world > 1:  # batch statistics of the projectors over the global batch (CUDA only)
             model.sync_batchnorm()
         self.model = model.to(self.device)
-        self.optimizer = build_optimizer(self.model, config)
-        self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch)
+        self.optimizer = build_optimizer(self.model, config, self.global_batch)
+        self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch, self.global_batch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)

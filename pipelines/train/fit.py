@@ -15,7 +15,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from pgseg.config import dump_config, flatten, to_dict
-from pgseg.train import export_model
+from pgseg.train import export_model, scaled_rates
 from pipelines.data.ingest import Ingest
 from pipelines.rendezvous import torch_config
 from pipelines.runtime import check_resources, cluster_resources, on_loopback, train_log_level
@@ -58,8 +58,12 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     uri = tracker.uri if tracker else None
     run_id = None
     if tracker:
+        rates = scaled_rates(config, plan.global_batch)  # the rates optim.* and schedule.* resolve to
         params = {**flatten(to_dict(config)), "run.name": plan.name, "run.steps_per_epoch": plan.steps_per_epoch,
                   "run.total_steps": plan.total_steps, "run.samples_per_epoch": plan.samples_per_epoch,
+                  "run.global_batch": plan.global_batch, "run.lr_factor": rates.factor, "run.lr": rates.lr,
+                  "run.warmup_lr": rates.warmup_lr, "run.min_lr": rates.min_lr,
+                  "run.warmup_steps": round(config.schedule.warmup_epochs * plan.steps_per_epoch),
                   **(run_params or {})}
         run_id, resumed = start_training_run(tracker, config.tracking.experiment, config.tracking.run_name or plan.name,
                                              plan.run_key, params, dump_config(config), run_tags, resume=not fresh)

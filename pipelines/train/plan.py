@@ -26,6 +26,10 @@ class Plan:
     shards: list[list[str]] = field(default_factory=list)
 
     @property
+    def global_batch(self) -> int:
+        return self.config.data.batch_size * self.config.train.workers
+
+    @property
     def run_key(self) -> str:
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 

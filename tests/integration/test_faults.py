@@ -92,7 +92,7 @@ def test_resume_without_reproducible_settings_keeps_step_schedule_and_epoch(ray_
     assert [s for s, _ in lr] == list(range(1, 17))
     steps_per_epoch = plan_training(config).steps_per_epoch
     for step, value in lr:  # logged with the count of steps done: the rate the last one used
-        assert value == pytest.approx(learning_rate(config, steps_per_epoch, step - 1), rel=1e-6)
+        assert value == pytest.approx(learning_rate(config, steps_per_epoch, step - 1, 32), rel=1e-6)
     assert history(uri, resumed.run_id, "epoch")[5] == (6, 6 / 16) and history(uri, resumed.run_id, "epoch")[-1] == (16, 1.0)
     assert history(uri, resumed.run_id, "resumed_from_step") == [(6, 6.0)]
 

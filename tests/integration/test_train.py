@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pgseg.config import ConfigError, load_config
+from pgseg.distributed import Collectives
 from pgseg.train import TrainStep, build_optimizer, learning_rate, parameter_groups
 from pipelines.runtime import check_resources
 from pipelines.train import TrainingError, fit, parse_faults, plan_training
@@ -27,22 +28,46 @@ def test_no_weight_decay_on_1d_parameters_and_biases():
     assert "logit_scale" in {names[id(p)] for p in no_decay["params"]}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
-    assert len(build_optimizer(model, load_config("tiny")).param_groups) == 2
+    assert len(build_optimizer(model, load_config("tiny"), 32).param_groups) == 2
 
 
 def test_schedule_warms_up_per_step_then_cosine_from_step_zero():
     config = load_config("official")  # 10 warm-up epochs from 1e-6, cosine to 1e-5 over 30 epochs, lr 1e-4
-    spe = 100
-    assert learning_rate(config, spe, 0) == pytest.approx(1e-6)
-    assert learning_rate(config, spe, 500) == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
+    spe, batch = 100, 4096  # the presets' global batch: their rates as given
+    assert learning_rate(config, spe, 0, batch) == pytest.approx(1e-6)
+    assert learning_rate(config, spe, 500, batch) == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
     # after warm-up the cosine is the one started at step 0 (the released timing), not a fresh one
     t = 1500 / 3000
-    assert learning_rate(config, spe, 1500) == pytest.approx(1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * t)))
-    assert learning_rate(config, spe, 3000) == pytest.approx(1e-5)
+    assert learning_rate(config, spe, 1500, batch) == pytest.approx(
+        1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * t)))
+    assert learning_rate(config, spe, 3000, batch) == pytest.approx(1e-5)
     paper = load_config("paper")
-    assert learning_rate(paper, spe, 500) == pytest.approx(1.6e-3 * 0.5 * (1 + math.cos(math.pi * 500 / 4000)) +
+    assert learning_rate(paper, spe, 500, batch) == pytest.approx(1.6e-3 * 0.5 * (1 + math.cos(math.pi * 500 / 4000)) +
                                                            1e-5 * 0.5 * (1 - math.cos(math.pi * 500 / 4000)), rel=1e-6)
     assert paper.npr.start_epoch == 30 and load_config("official").npr.resolved().matching == "min_similarity"
+
+
+def test_the_schedule_follows_the_global_batch_not_the_worker_count(shapes_data, tmp_path):
+    """lr, warmup_lr and min_lr are given for optim.batch_ref images: 1 worker × 32 and 2 workers × 16 have the same
+    steps and the same rate at every step; 2 workers × 32 (twice the batch) have half the steps per epoch, the same
+    warm-up in samples, and rates × 2 (linear, GroupViT's), × √2 (sqrt) or × 1 (none), in the step too."""
+    def plan(*sets):
+        return plan_training(tiny_config(shapes_data, tmp_path, "schedule.epochs=2", "schedule.warmup_epochs=0.5",
+                                         "optim.batch_ref=32", *sets))
+
+    def rates(p):
+        return [learning_rate(p.config, p.steps_per_epoch, s, p.global_batch) for s in range(p.total_steps + 1)]
+
+    one, two = plan("train.workers=1", "data.batch_size=32"), plan("train.workers=2", "data.batch_size=16")
+    assert (one.steps_per_epoch, one.total_steps) == (two.steps_per_epoch, two.total_steps) == (16, 32)
+    assert rates(one) == rates(two)
+    for scaling, factor in (("linear", 2.0), ("sqrt", math.sqrt(2.0)), ("none", 1.0)):
+        big = plan("train.workers=2", "data.batch_size=32", f"optim.lr_scaling={scaling}")
+        assert (big.steps_per_epoch, big.total_steps) == (8, 16)
+        # step k of the big run is sample k × 64 = step 2k of the small one
+        assert rates(big) == pytest.approx([factor * r for r in rates(one)[::2]], rel=1e-9)
+        step = TrainStep(big.config, big.steps_per_epoch, world=Collectives(rank=0, world=2))
+        assert step.optimizer.param_groups[0]["lr"] == pytest.approx(factor * big.config.schedule.warmup_lr)
 
 
 def test_fault_spec_is_parsed_and_checked():
@@ -118,6 +143,9 @@ def test_two_workers_learn_with_identical_replicas_and_the_global_batch(ray_loca
 
     run = MlflowClient(mlflow_server).get_run(result.run_id)
     assert run.data.params["train.workers"] == "2" and run.info.status == "FINISHED"
+    # the rates the run resolved: tiny's are given for 32 images, this run's global batch is 2 × 16
+    assert {k: run.data.params[f"run.{k}"] for k in ("global_batch", "lr_factor", "lr")} == {
+        "global_batch": "32", "lr_factor": "1.0", "lr": str(config.optim.lr)}
     artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(result.run_id)}
     assert {"config.yaml", "model.safetensors"} <= artifacts
 
