@@ -43,9 +43,18 @@ class Collectives:
         """The mean of ``x`` over ranks (a new tensor; ``x`` is untouched)."""
         if self.world == 1:
             return x
+        return self.total(x) / self.world
+
+    @torch.no_grad()
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of ``x`` over ranks (a new tensor; ``x`` is untouched)."""
+        if self.world == 1:
+            return x
         out = x.detach().clone()
+        if dist.get_backend() == "nccl" and not out.is_cuda:  # NCCL reduces device tensors only
+            out = out.cuda()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / self.world
+        return out.to(x.device)
 
 
 SINGLE = Collectives()

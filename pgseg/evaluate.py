@@ -46,17 +46,24 @@ def all_background_miou(matrix: ConfusionMatrix, settings: ProtocolSettings) -> 
     return matrix.constant_prediction(0).scores().miou if settings.bg_thresh is not None else float("nan")
 
 
-def evaluate_in_process(model: Any, dataset: SegmentationDataset, settings: ProtocolSettings,
-                        true_labels: bool = False) -> tuple[SegmentationScores, float]:
-    """The same figures without Ray, in this process (evaluation during training on a small held-out set):
-    (scores, all-background mIoU)."""
+def confusion_in_process(model: Any, dataset: SegmentationDataset, settings: ProtocolSettings,
+                         true_labels: bool = False, part: tuple[int, int] = (0, 1)) -> ConfusionMatrix:
+    """The confusion counts of samples ``part[0]``, ``part[0] + part[1]``, … of ``dataset`` (one rank's share of a
+    set scored by several: their sum is the whole set's), in this process."""
     protocol = dataset_segmenter(model, dataset.class_names, settings)
     matrix = ConfusionMatrix(len(dataset.class_names), class_names=dataset.class_names)
     flat = matrix.matrix.view(-1)
-    for sample in dataset:
+    for sample in dataset.samples[part[0]::part[1]]:
         codes, counts, *_ = score_sample(protocol, str(sample.image), str(sample.mask), len(dataset.class_names),
                                            dataset.reader, true_labels)
         flat.index_add_(0, torch.as_tensor(codes), torch.as_tensor(counts))
+    return matrix
+
+
+def evaluate_in_process(model: Any, dataset: SegmentationDataset, settings: ProtocolSettings,
+                        true_labels: bool = False) -> tuple[SegmentationScores, float]:
+    """The same figures without Ray, in this process: (scores, all-background mIoU)."""
+    matrix = confusion_in_process(model, dataset, settings, true_labels)
     return matrix.scores(), all_background_miou(matrix, settings)
 
 

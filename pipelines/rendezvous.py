@@ -69,6 +69,7 @@ class LoopbackTorchConfig(TorchConfig):
         return _LoopbackTorchBackend
 
 
-def torch_config(loopback: bool) -> TorchConfig:
-    """The TorchTrainer's config: the loopback rendezvous for a cluster on 127.0.0.0/8, else Ray's own."""
-    return LoopbackTorchConfig() if loopback else TorchConfig()
+def torch_config(loopback: bool, timeout_s: float = 1800) -> TorchConfig:
+    """The TorchTrainer's config: the loopback rendezvous for a cluster on 127.0.0.0/8, else Ray's own. ``timeout_s``:
+    the process group's timeout (rendezvous and every collective)."""
+    return (LoopbackTorchConfig if loopback else TorchConfig)(timeout_s=timeout_s)

@@ -311,9 +311,11 @@ class TrainConfig:
     accelerator_type: str | None = None  # Ray accelerator type for the workers, e.g. A100
     stop_after: int | None = None  # end this invocation after this global step (with a checkpoint); schedule unchanged
     deterministic: bool = False  # ordered data, seeded augmentation, deterministic kernels: reproducible runs
+    collective_timeout_s: float = 1800.0  # how long a rank waits in a collective for the others before the run fails
 
     def validate(self, key: str) -> None:
         _require(self.workers >= 1, f"{key}.workers", f"must be >= 1, got {self.workers}")
+        _require(self.collective_timeout_s > 0, f"{key}.collective_timeout_s", "must be > 0 (seconds)")
         _require(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
         _require(self.stop_after is None or self.stop_after >= 1, f"{key}.stop_after", "must be >= 1")
         _require(self.name is None or (bool(self.name.strip()) and "/" not in self.name), f"{key}.name",

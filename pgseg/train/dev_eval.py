@@ -1,5 +1,7 @@
-"""Evaluation during training (rank 0, in process): the zero-shot mIoU of a frozen copy of the model on each of
-``eval.datasets``; when the first one's mIoU beats the best so far, that model is written to a file."""
+"""Evaluation during training, by every rank: the zero-shot mIoU of a frozen copy of the model on each of
+``eval.datasets``, each rank scoring its share of the images and the confusion counts summed over ranks (so no rank
+waits in a collective while another scores the whole set); when the first set's mIoU beats the best so far, the
+rank given a file writes that model to it."""
 from __future__ import annotations
 
 import copy
@@ -9,26 +11,28 @@ import torch
 from ..checkpoint import save_model
 from ..config import Config
 from ..datasets import open_dataset
-from ..distributed import SINGLE
-from ..evaluate import evaluate_in_process
+from ..distributed import SINGLE, Collectives
+from ..evaluate import confusion_in_process
 from ..segment import ProtocolSettings, background_threshold
 
 
 class DevEvaluation:
-    def __init__(self, config: Config, best_path: str | None):
+    def __init__(self, config: Config, best_path: str | None, world: Collectives = SINGLE):
         e = config.eval
-        self.config, self.best_path = config, best_path
+        self.config, self.best_path, self.world = config, best_path, world
         self.datasets = [open_dataset(spec) for spec in e.datasets]
         self.settings = [ProtocolSettings.of(e, background_threshold(None, e, d.bg_thresh)) for d in self.datasets]
 
     def __call__(self, model: torch.nn.Module, best: float) -> tuple[dict[str, float], float]:
-        """(``eval/<set>/mIoU`` of each set and ``eval/best_mIoU``, the new best)."""
+        """(``eval/<set>/mIoU`` of each set and ``eval/best_mIoU``, the new best): the same on every rank."""
         frozen = copy.deepcopy(model).eval()  # nothing of the training model changes (buffers included)
-        frozen.world = SINGLE  # this rank alone: no collective while the others wait
+        frozen.world = SINGLE  # the model's own collectives off: the only one is the sum of the counts
         out: dict[str, float] = {}
         with torch.no_grad():
             for i, (dataset, settings) in enumerate(zip(self.datasets, self.settings)):
-                scores, _ = evaluate_in_process(frozen, dataset, settings)
+                matrix = confusion_in_process(frozen, dataset, settings, part=(self.world.rank, self.world.world))
+                matrix.matrix = self.world.total(matrix.matrix)
+                scores = matrix.scores()
                 out[f"eval/{dataset.name}/mIoU"] = scores.miou
                 if i == 0:
                     out["eval/best_mIoU"] = max(best, scores.miou)

@@ -75,7 +75,7 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
                         str(marker_dir / ".faults"),
                         str(plan.local_run_dir / BEST_MODEL_FILE) if plan.local_run_dir else None)
     trainer = TorchTrainer(  # no datasets: the workers read the data pass by pass (pipelines/train/passes.py)
-        train_loop_per_worker, train_loop_config=loop, torch_config=torch_config(on_loopback()),
+        train_loop_per_worker, train_loop_config=loop, torch_config=torch_config(on_loopback(), t.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=list(callbacks),

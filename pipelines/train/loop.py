@@ -89,7 +89,7 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
     stop_at = min(total, t.stop_after or total)
     e = config.eval
     eval_every = e.every_steps or e.every_epochs * steps_per_epoch if e.datasets else 0
-    scorer = DevEvaluation(config, loop.best_model) if rank == 0 and eval_every else None
+    scorer = DevEvaluation(config, loop.best_model if rank == 0 else None, world) if eval_every else None
     latest_eval: dict[str, float] = {}
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
@@ -148,9 +148,11 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         metrics.update({k: v / window_steps for k, v in timing.items()})
         if rank == 0:
             metrics.update({f"skips/{k}": v for k, v in loop.ingest.skips().items()})
-        if scorer is not None and eval_now:  # the other ranks wait for rank 0 in the next gradient all-reduce
+        if scorer is not None and eval_now:  # every rank scores its share: none waits long in a collective
+            started = time.perf_counter()
             latest_eval, best = scorer(step_fn.model, best)
             metrics.update(latest_eval)
+            metrics["time/eval"] = time.perf_counter() - started
         timing = dict.fromkeys(timing, 0.0)
         window_start, window_steps = time.perf_counter(), 0
         if metrics_log is not None:

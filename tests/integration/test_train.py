@@ -158,6 +158,32 @@ def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeyp
         fit(plan_training(config))
 
 
+def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_local, shapes_data, tmp_path):
+    """2 workers, a collective timeout of 8 s, a dev set that takes longer than that to score (16 images scored at
+    640 px): each rank scores its half and the counts are summed, so no rank waits in a collective while another
+    scores. The run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept."""
+    from pgseg.checkpoint import load_model
+    from pgseg.datasets import open_dataset
+    from pgseg.evaluate import evaluate_in_process
+    from pgseg.segment import ProtocolSettings, background_threshold
+    from pipelines.data.shapes_world import write_voc_val
+    from pipelines.train.fit import BEST_MODEL_FILE
+
+    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 16)
+    config = tiny_config(shapes_data, tmp_path, "train.workers=2", "train.collective_timeout_s=8",
+                         f"eval.datasets=[voc:{dev}]", "eval.short_side=640", "train.checkpoint_every=100",
+                         "data.batch_size=32", "train.name=slow-eval", "tracking.enabled=false")
+    plan = plan_training(config)
+    result = fit(plan)
+    assert result.finished
+    assert result.metrics["time/eval"] > config.train.collective_timeout_s  # one rank alone would have timed out
+    dataset = open_dataset(f"voc:{dev}")
+    settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval, dataset.bg_thresh))
+    scores, _ = evaluate_in_process(load_model(plan.local_run_dir / BEST_MODEL_FILE)[0], dataset, settings)
+    # the same pixels up to float noise (the workers run other thread counts: a few near-ties fall the other way)
+    assert result.metrics[f"eval/{dataset.name}/mIoU"] == pytest.approx(scores.miou, abs=1e-3)
+
+
 def test_tracking_uri_follows_config_then_environment_then_local_sqlite(monkeypatch, tmp_path):
     from pipelines.tracking import resolve_uri
 
