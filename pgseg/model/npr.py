@@ -189,7 +189,9 @@ def pg_loss(centres: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor
     """
     g = normalize(centres.float(), dim=-1, grad_eps=grad_eps)  # [B, G, C]
     p = F.normalize(prototypes.detach().float(), dim=-1)  # [B, M, C]
-    with torch.profiler.record_function("npr.matching"):  # 3. matching: [B, K] row and column indices
+    # 3. matching: [B, K] row and column indices, on float32 similarities (autocast would round them to bf16/fp16,
+    # whose steps near 0.7 are 0.004/0.0005: close pairs would tie and the assignment change)
+    with torch.profiler.record_function("npr.matching"), torch.autocast(g.device.type, enabled=False):
         # a non-finite feature makes the loss non-finite (the trainer skips or stops); matching must not fail first
         similarity = torch.nan_to_num(g.detach() @ p.transpose(1, 2), nan=0.0, posinf=1.0, neginf=-1.0)
         rows, cols = linear_sum_assignment(similarity, maximize=maximize)

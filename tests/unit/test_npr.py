@@ -193,3 +193,18 @@ def test_pg_loss_is_zero_with_no_gradient_when_hrs_keeps_no_pair(reduction, rule
     kept = pg_loss(centres, protos, torch.tensor(10.0), maximize=False, hrs=True, phi=-2.0, hrs_rule=rule,
                    reduction=reduction)
     assert kept.keep_g2p.all() and kept.loss.item() > 0  # the same inputs with every pair kept
+
+
+def test_the_matching_sees_float32_similarities_under_bf16_autocast():
+    """Two groups whose best prototypes differ by ~1e-4 in cosine (far below bf16's 0.004 step near 0.7): under
+    autocast the assignment is still the float32 one (group 0 → prototype 1, group 1 → prototype 0)."""
+    eps = 1e-4
+    angles = torch.tensor([math.pi / 4 + eps, math.pi / 4 - eps])
+    centres = torch.stack([angles.cos(), angles.sin()], dim=-1)[None]  # [1, 2, 2]
+    protos = torch.eye(2)[None]  # [1, 2, 2]
+    kw = dict(maximize=True, hrs=False, phi=0.0, hrs_rule="matched_pair", reduction="per_image_mean")
+    plain = pg_loss(centres, protos, torch.tensor(10.0), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pg_loss(centres, protos, torch.tensor(10.0), **kw)
+    assert plain.cols.tolist() == [[1, 0]]
+    assert mixed.rows.tolist() == plain.rows.tolist() and mixed.cols.tolist() == plain.cols.tolist()
