@@ -95,9 +95,12 @@ class TrainStep:
         if finite:
             self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip or math.inf))
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.model.ema_step(out.prototypes)
+            # the prototypes move with the weights: not when fp16's scaler skipped the step (it lowers its scale)
+            if scale is None or self.scaler.get_scale() >= scale:
+                self.model.ema_step(out.prototypes)
         self.optimizer.zero_grad(set_to_none=True)
         values = losses.tolist()
         return StepResult({"loss": values[0], **{f"loss/{k}": v for k, v in zip(out.terms, values[1:])}},

@@ -221,6 +221,30 @@ def test_mixed_precision_steps_update_the_model(precision):
     assert stepper.scaler.is_enabled() == (precision == "fp16")
 
 
+def test_the_prototype_ema_moves_only_with_an_applied_step():
+    """fp16: the GradScaler skips the first steps (scale 2^16 overflows the gradients) and lowers its scale; the
+    image and text prototypes stay where they were on those steps and move on the first step it applies."""
+    config = load_config("tiny", ["train.precision=fp16"])
+    stepper = TrainStep(config, steps_per_epoch=10, device=torch.device("cpu"))
+
+    def prototypes():
+        return {k: v.clone() for k, v in stepper.model.state_dict().items() if k.endswith(".mu")}
+
+    batch, skipped = _batch(config), 0
+    assert any("text_encoder" in k for k in prototypes()) and any("img_encoder" in k for k in prototypes())
+    for step in range(30):
+        before, scale = prototypes(), stepper.scaler.get_scale()
+        result = stepper(batch, step)
+        moved = [k for k, v in prototypes().items() if not torch.equal(v, before[k])]
+        if stepper.scaler.get_scale() < scale:  # skipped by the scaler
+            assert not math.isfinite(result.grad_norm) and moved == [], moved
+            skipped += 1
+        else:
+            assert set(moved) == set(before)
+            break
+    assert skipped >= 1 and math.isfinite(result.grad_norm)
+
+
 @pytest.mark.parametrize("layout", ["gcc_yfcc_30e", "gcc_redcap_30e"])
 def test_official_recipe_starts_from_either_groupvit_release_layout(tmp_path, layout):
     """The training step of `pgseg train --config official` (its optimiser, schedule and NPR settings, at the tiny
