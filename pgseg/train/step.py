@@ -25,11 +25,23 @@ Wrap = Callable[..., torch.nn.Module]
 
 @dataclass
 class StepResult:
-    losses: dict[str, float]  # "loss" and each "loss/<term>", averaged over ranks
+    """What a step gives back. The loss values and the gradient norm stay on the device until read (``losses``,
+    ``grad_norm``): a loop that logs every few steps waits for the device once per step only, for ``finite``."""
+
+    names: list[str]  # "loss" and each "loss/<term>"
+    values: torch.Tensor  # [len(names)], averaged over ranks
     metrics: dict[str, torch.Tensor]  # the model's detached scalars (this rank)
-    grad_norm: float
+    norm: torch.Tensor | None  # the gradient norm before clipping (None: a skipped step)
     finite: bool
     seconds: dict[str, float]  # "time/compute" (forward + backward), "time/optim"
+
+    @property
+    def losses(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values.tolist()))
+
+    @property
+    def grad_norm(self) -> float:
+        return float("nan") if self.norm is None else float(self.norm)
 
 
 class TrainStep:
@@ -89,12 +101,13 @@ class TrainStep:
         loss = out.loss * float("nan") if poison else out.loss
         self.scaler.scale(loss).backward()
         t1 = time.perf_counter()
-        losses = self.world.mean(torch.stack([loss.detach().float(), *(v.float() for v in out.terms.values())]))
-        finite = bool(torch.isfinite(losses[0]))  # the same on every rank: the mean over ranks
-        grad_norm = float("nan")
+        terms = [v.detach().float() for v in out.terms.values()]
+        losses = self.world.mean(torch.stack([loss.detach().float(), *terms]))
+        finite = bool(torch.isfinite(losses[0]))  # the same on every rank: the mean over ranks (the step's one wait)
+        grad_norm = None
         if finite:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip or math.inf))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip or math.inf)
             scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -102,7 +115,5 @@ class TrainStep:
             if scale is None or self.scaler.get_scale() >= scale:
                 self.model.ema_step(out.prototypes)
         self.optimizer.zero_grad(set_to_none=True)
-        values = losses.tolist()
-        return StepResult({"loss": values[0], **{f"loss/{k}": v for k, v in zip(out.terms, values[1:])}},
-                          out.metrics, grad_norm, finite,
+        return StepResult(["loss", *(f"loss/{k}" for k in out.terms)], losses, out.metrics, grad_norm, finite,
                           {"time/compute": t1 - t0, "time/optim": time.perf_counter() - t1})
