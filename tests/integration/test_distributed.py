@@ -1,5 +1,7 @@
-"""Two gloo processes on 127.0.0.1: the prototype EMA leaves identical buffers on both ranks, and the image–text
-loss over the global batch gives each rank the gradient of the single-process loss on the whole batch."""
+"""Two gloo processes on 127.0.0.1: the prototype EMA leaves identical buffers on both ranks, the image–text loss
+over the global batch gives each rank the gradient of the single-process loss on the whole batch, and the whole
+model's gradient averaged over the two ranks (what DDP applies) is one process's on the global batch, with the
+BatchNorm statistics frozen (on CPU each rank normalises with its own batch's: README, "BatchNorm")."""
 import os
 import socket
 import tempfile
@@ -23,6 +25,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _frozen_batchnorm_model_and_batch(world: D.Collectives = D.SINGLE):
+    """The tiny PGSeg (paper mode, NPR on, no Gumbel noise so both sides draw nothing at random) in training mode
+    with its BatchNorms in evaluation mode, and a global batch of 8 images and captions."""
+    torch.manual_seed(1)
+    model = PGSeg.from_config(load_config("tiny", ["npr.mode=paper", "model.image.gumbel=false"]), world).train()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            module.eval()
+    torch.manual_seed(11)
+    captions = ["a red circle", "a blue square", "a star", "two circles", "a green star", "a square and a star",
+                "a triangle", "three stars"]
+    return model, torch.randn(len(captions), 3, 64, 64), tokenize(captions, context_length=16)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -50,8 +66,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         txt = txt_all[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
         loss = contrastive_loss(img, txt, torch.tensor(10.0), world)
         loss.backward()
+        # 3. the whole model on this rank's half of a global batch, BatchNorm frozen
+        model, images, tokens = _frozen_batchnorm_model_and_batch(world)
+        half = slice(rank * len(images) // WORLD, (rank + 1) * len(images) // WORLD)
+        model_loss = model(images[half], tokens[half]).loss
+        model_loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
         torch.save({"buffers": buffers, "local_means": local, "loss": loss.detach(),
-                    "img_grad": img.grad, "txt_grad": txt.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "img_grad": img.grad, "txt_grad": txt.grad, "model_loss": model_loss.detach(), "grads": grads},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -94,3 +117,19 @@ def test_itc_uses_the_global_batch(results):
     torch.testing.assert_close(txt_grad, txt_all.grad, atol=1e-6, rtol=1e-4)
     local_only = contrastive_loss(img_all[:4], txt_all[:4], torch.tensor(10.0))
     assert abs(local_only.item() - results[0]["loss"].item()) > 1e-3  # it is not the local-batch loss
+
+
+def test_two_ranks_apply_the_gradient_of_one_process_on_the_global_batch(results):
+    torch.set_num_threads(1)
+    model, images, tokens = _frozen_batchnorm_model_and_batch()
+    loss = model(images, tokens).loss
+    loss.backward()
+    assert sum(r["model_loss"] for r in results).item() / WORLD == pytest.approx(loss.item(), rel=1e-5)
+    single = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert single.keys() == results[0]["grads"].keys() == results[1]["grads"].keys()
+    averaged = torch.cat([((results[0]["grads"][k] + results[1]["grads"][k]) / WORLD).flatten() for k in single])
+    reference = torch.cat([g.flatten() for g in single.values()])
+    assert ((averaged - reference).norm() / reference.norm()).item() < 1e-4
+    # and not by luck: one rank's own gradient is far from it
+    alone = torch.cat([results[0]["grads"][k].flatten() for k in single])
+    assert ((alone - reference).norm() / reference.norm()).item() > 1e-2
