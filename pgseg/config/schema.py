@@ -305,6 +305,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = 0
     storage_path: str = "runs"
+    shared_storage: bool = False  # storage_path is a folder every node of the cluster mounts (not needed for URIs)
     init_from: str | None = None  # a checkpoint to initialise from (e.g. GroupViT for the official recipe)
     nonfinite: Literal["skip", "stop"] = "skip"
     name: str | None = None  # the run's name in storage_path: the same name again continues that run

@@ -23,6 +23,7 @@ from pipelines.tracking import Tracker, start_training_run
 from pipelines.train.faults import FAULT_ENV, parse_faults
 from pipelines.train.loop import LoopSettings, train_loop_per_worker
 from pipelines.train.plan import Plan, TrainingError
+from pipelines.train.storage import check_storage, cluster_nodes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     one of this run's key exists (its storage folder was started over)."""
     config, t = plan.config, plan.config.train
     check_resources(config, *cluster_resources())
+    check_storage(plan.storage_path, t.shared_storage, cluster_nodes())
     ingest = Ingest(plan.shards, config.data.img_size, config.model.text.context_length, config.data.min_scale,
                     config.data.weights, config.data.seed, train=config.data.augment,
                     multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
@@ -73,7 +75,7 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     parse_faults(faults)  # a malformed drill fails here, not in the workers
     loop = LoopSettings(config, plan.steps_per_epoch, plan.total_steps, run_id, uri, ingest, reserved, faults,
                         str(marker_dir / ".faults"),
-                        str(plan.local_run_dir / BEST_MODEL_FILE) if plan.local_run_dir else None)
+                        f"{plan.run_key}/{BEST_MODEL_FILE}")
     trainer = TorchTrainer(  # no datasets: the workers read the data pass by pass (pipelines/train/passes.py)
         train_loop_per_worker, train_loop_config=loop, torch_config=torch_config(on_loopback(), t.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,

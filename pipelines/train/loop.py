@@ -25,6 +25,7 @@ from pipelines.data.ingest import Ingest
 from pipelines.tracking import MetricLogger
 from pipelines.train.faults import kill_in_backward, kill_once, parse_faults
 from pipelines.train.passes import pass_batches
+from pipelines.train.storage import put_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class LoopSettings:
     reserved: ExecutionResources  # what the training workers hold (the data's tasks leave it to them)
     faults: str | None
     fault_marker_dir: str
-    best_model: str | None  # where rank 0 writes the best model by the first dev set
+    best_model: str  # where rank 0 puts the best model by the first dev set (the run's storage: a path or a URI)
 
 
 def _ddp(model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
@@ -89,7 +90,8 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
     stop_at = min(total, t.stop_after or total)
     e = config.eval
     eval_every = e.every_steps or e.every_epochs * steps_per_epoch if e.datasets else 0
-    scorer = DevEvaluation(config, loop.best_model if rank == 0 else None, world) if eval_every else None
+    best_file = Path(tempfile.mkdtemp(prefix="pgseg-best-")) / "model_best.safetensors"  # written here, then put
+    scorer = DevEvaluation(config, str(best_file) if rank == 0 else None, world) if eval_every else None
     latest_eval: dict[str, float] = {}
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
@@ -150,7 +152,10 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
             metrics.update({f"skips/{k}": v for k, v in loop.ingest.skips().items()})
         if scorer is not None and eval_now:  # every rank scores its share: none waits long in a collective
             started = time.perf_counter()
+            before_eval = best
             latest_eval, best = scorer(step_fn.model, best)
+            if rank == 0 and best > before_eval:  # a new best: into the run's storage, where every node reads it
+                put_file(best_file, loop.best_model)
             metrics.update(latest_eval)
             metrics["time/eval"] = time.perf_counter() - started
         timing = dict.fromkeys(timing, 0.0)

@@ -184,6 +184,32 @@ def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_
     assert result.metrics[f"eval/{dataset.name}/mIoU"] == pytest.approx(scores.miou, abs=1e-3)
 
 
+def test_storage_on_a_cluster_of_several_nodes_must_be_shared():
+    from pipelines.train.storage import check_storage
+
+    with pytest.raises(ConfigError, match=r"train.storage_path: /data/runs is a folder on this machine, but the "
+                                          r"cluster has 3 nodes.*train.shared_storage=true"):
+        check_storage("/data/runs", shared=False, nodes=3)
+    check_storage("/data/runs", shared=False, nodes=1)  # one node: its disk is the storage
+    check_storage("/nfs/runs", shared=True, nodes=3)  # declared shared
+    check_storage("s3://bucket/runs", shared=False, nodes=3)
+
+
+def test_a_run_stored_by_uri_keeps_its_checkpoints_and_best_model_there(ray_local, shapes_data, tmp_path):
+    """train.storage_path as a URI (file:// here; s3:// and gs:// go the same way, through pyarrow): Ray Train's
+    checkpoints and the best model by the dev set (written by rank 0, wherever it runs) land in that storage."""
+    from pipelines.train.fit import BEST_MODEL_FILE
+
+    storage = tmp_path / "remote"
+    config = tiny_config(shapes_data, tmp_path, f"train.storage_path={storage.as_uri()}", "train.name=by-uri",
+                         f"eval.datasets=[voc:{shapes_data['val']}]", "eval.every_steps=8", "data.batch_size=32",
+                         "tracking.enabled=false")
+    result = fit(plan_training(config))
+    assert result.finished and result.checkpoint.startswith(str(storage))
+    assert (storage / "by-uri" / BEST_MODEL_FILE).is_file()
+    assert not list((storage / "by-uri").glob("*.partial"))
+
+
 def test_tracking_uri_follows_config_then_environment_then_local_sqlite(monkeypatch, tmp_path):
     from pipelines.tracking import resolve_uri
 
