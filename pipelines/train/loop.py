@@ -1,6 +1,6 @@
-"""The loop each Ray Train worker runs: restore or build the training step, then step through this worker's split
-of the ingest, scoring the dev sets (rank 0) and reporting to Ray Train with a checkpoint every few steps; per-step
-curves go from rank 0 to MLflow. ARCHITECTURE's "one batch, end to end" walks through it."""
+"""The loop each Ray Train worker runs: restore or build the training step, then step through this worker's part
+of each pass over the data, scoring its share of the dev sets and reporting to Ray Train with a checkpoint every few
+steps; per-step curves go from rank 0 to MLflow. ARCHITECTURE's "one batch, end to end" walks through it."""
 from __future__ import annotations
 
 import logging
