@@ -248,8 +248,7 @@ class Ingest:
         return cls([shard_list([p]) for p in paths], **kw)
 
     def dataset(self, pass_index: int = 0) -> ray.data.Dataset:
-        shards = pass_shards(self.sources, self.weights, pass_index, self.seed) if self.train else \
-            [s for g in self.sources for s in g]
+        shards = pass_shards(self.sources, self.weights, pass_index, self.seed)  # augmented or not
         ds = ray.data.read_datasource(TarShards(shards))
         udf = Preprocess(self.img_size, self.context_length, self.min_scale, self.counter, self.train,
                          self.multi_label, self.noun_vocabulary, (self.seed, pass_index) if self.deterministic else None)
