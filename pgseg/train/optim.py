@@ -38,6 +38,11 @@ def scaled_rates(config: Config, global_batch: int) -> Rates:
     return Rates(factor, o.lr * factor, s.warmup_lr * factor, s.min_lr * factor)
 
 
+def warmup_steps(config: Config, steps_per_epoch: int) -> int:
+    """The warm-up's length in steps (``schedule.warmup_epochs`` is in epochs, i.e. samples)."""
+    return round(config.schedule.warmup_epochs * steps_per_epoch)
+
+
 def build_optimizer(model: torch.nn.Module, config: Config, global_batch: int) -> torch.optim.Optimizer:
     o = config.optim
     return torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=scaled_rates(config, global_batch).lr,
@@ -51,7 +56,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_
     batch has fewer steps per epoch and the same schedule per sample."""
     s, rates = config.schedule, scaled_rates(config, global_batch)
     return CosineLRScheduler(optimizer, t_initial=s.epochs * steps_per_epoch, lr_min=rates.min_lr,
-                             warmup_t=round(s.warmup_epochs * steps_per_epoch), warmup_lr_init=rates.warmup_lr,
+                             warmup_t=warmup_steps(config, steps_per_epoch), warmup_lr_init=rates.warmup_lr,
                              t_in_epochs=False)
 
 

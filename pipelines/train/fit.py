@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.data import ExecutionResources
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pgseg.config import dump_config, flatten, to_dict
-from pgseg.train import export_model, scaled_rates
+from pgseg.train import export_model, scaled_rates, warmup_steps
 from pipelines.data.ingest import Ingest
 from pipelines.rendezvous import torch_config
 from pipelines.runtime import check_resources, cluster_resources, on_loopback, train_log_level
@@ -55,7 +54,6 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
                     config.data.weights, config.data.seed, train=config.data.augment,
                     multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
                     deterministic=t.deterministic)
-    reserved = ExecutionResources(cpu=t.workers * t.cpus_per_worker, gpu=t.workers if t.use_gpu else 0)
     tracker = Tracker(config.tracking.uri, check=True) if config.tracking.enabled else None
     uri = tracker.uri if tracker else None
     run_id = None
@@ -65,7 +63,7 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
                   "run.total_steps": plan.total_steps, "run.samples_per_epoch": plan.samples_per_epoch,
                   "run.global_batch": plan.global_batch, "run.lr_factor": rates.factor, "run.lr": rates.lr,
                   "run.warmup_lr": rates.warmup_lr, "run.min_lr": rates.min_lr,
-                  "run.warmup_steps": round(config.schedule.warmup_epochs * plan.steps_per_epoch),
+                  "run.warmup_steps": warmup_steps(config, plan.steps_per_epoch),
                   **(run_params or {})}
         run_id, resumed = start_training_run(tracker, config.tracking.experiment, config.tracking.run_name or plan.name,
                                              plan.run_key, params, dump_config(config), run_tags, resume=not fresh)
@@ -73,7 +71,7 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     marker_dir = plan.local_run_dir or Path(tempfile.gettempdir()) / "pgseg-faults" / plan.name
     faults = os.environ.get(FAULT_ENV)
     parse_faults(faults)  # a malformed drill fails here, not in the workers
-    loop = LoopSettings(config, plan.steps_per_epoch, plan.total_steps, run_id, uri, ingest, reserved, faults,
+    loop = LoopSettings(config, plan.steps_per_epoch, plan.total_steps, run_id, uri, ingest, faults,
                         str(marker_dir / ".faults"),
                         f"{plan.run_key}/{BEST_MODEL_FILE}")
     trainer = TorchTrainer(  # no datasets: the workers read the data pass by pass (pipelines/train/passes.py)

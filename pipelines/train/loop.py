@@ -40,7 +40,6 @@ class LoopSettings:
     run_id: str | None  # the MLflow run rank 0 logs into
     tracking_uri: str | None
     ingest: Ingest  # the training data, read pass by pass
-    reserved: ExecutionResources  # what the training workers hold (the data's tasks leave it to them)
     faults: str | None
     fault_marker_dir: str
     best_model: str  # where rank 0 puts the best model by the first dev set (the run's storage: a path or a URI)
@@ -84,14 +83,16 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         metrics_log.event("resumed_from_step", step, step)  # one value per restart, whatever the floor
     # deterministic: the interrupted pass again in the same order, its done batches skipped; otherwise that pass
     # again from its start, in a new order (each of its samples comes at least once)
-    stream = pass_batches(loop.ingest, world, loop.reserved, data.batch_size, data.shuffle_buffer,
+    held = ExecutionResources(cpu=t.workers * t.cpus_per_worker, gpu=t.workers if t.use_gpu else 0)  # by workers
+    stream = pass_batches(loop.ingest, world, held, data.batch_size, data.shuffle_buffer,
                           data.seed if t.deterministic else None, device, start_pass=position[0],
                           skip=position[1] if t.deterministic else 0)
     stop_at = min(total, t.stop_after or total)
     e = config.eval
     eval_every = e.every_steps or e.every_epochs * steps_per_epoch if e.datasets else 0
-    best_file = Path(tempfile.mkdtemp(prefix="pgseg-best-")) / "model_best.safetensors"  # written here, then put
-    scorer = DevEvaluation(config, str(best_file) if rank == 0 else None, world) if eval_every else None
+    best_file = Path(tempfile.mkdtemp(prefix="pgseg-best-")) / "model_best.safetensors" \
+        if rank == 0 and eval_every else None  # written here, then put into the run's storage
+    scorer = DevEvaluation(config, str(best_file) if best_file else None, world) if eval_every else None
     latest_eval: dict[str, float] = {}
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
@@ -154,7 +155,7 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
             started = time.perf_counter()
             before_eval = best
             latest_eval, best = scorer(step_fn.model, best)
-            if rank == 0 and best > before_eval:  # a new best: into the run's storage, where every node reads it
+            if best_file is not None and best > before_eval:  # a new best: into the run's storage, for every node
                 put_file(best_file, loop.best_model)
             metrics.update(latest_eval)
             metrics["time/eval"] = time.perf_counter() - started
