@@ -159,7 +159,7 @@ def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeyp
 
 
 def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_local, shapes_data, tmp_path):
-    """2 workers, a collective timeout of 8 s, a dev set that takes longer than that to score (16 images scored at
+    """2 workers, a collective timeout of 15 s, a dev set that takes longer than that to score (32 images scored at
     640 px): each rank scores its half and the counts are summed, so no rank waits in a collective while another
     scores. The run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept."""
     from pgseg.checkpoint import load_model
@@ -169,8 +169,8 @@ def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_
     from pipelines.data.shapes_world import write_voc_val
     from pipelines.train.fit import BEST_MODEL_FILE
 
-    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 16)
-    config = tiny_config(shapes_data, tmp_path, "train.workers=2", "train.collective_timeout_s=8",
+    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 32)
+    config = tiny_config(shapes_data, tmp_path, "train.workers=2", "train.collective_timeout_s=15",
                          f"eval.datasets=[voc:{dev}]", "eval.short_side=640", "train.checkpoint_every=100",
                          "data.batch_size=32", "train.name=slow-eval", "tracking.enabled=false")
     plan = plan_training(config)
