@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 
-from pipelines.tune.spec import SweepSpec, trial_label  # noqa: E402
+from pipelines.tune.spec import SEED, SweepSpec, trial_label  # noqa: E402
 from pipelines.tune.trial import TrialSetup  # noqa: E402
 
 
@@ -37,12 +37,12 @@ def measures(spec: SweepSpec, eval_sets: list[str]) -> list[str]:
     return out + ([spec.metric] if spec.metric not in out else [])
 
 
-def _display(measure: str) -> str:
+def display_name(measure: str) -> str:
     parts = measure.split("/")
     return f"{parts[1]} mIoU" if len(parts) == 3 and parts[0] == "eval" and parts[2] == "mIoU" else measure
 
 
-def _scaled(measure: str, value: float | None) -> float | None:
+def scaled(measure: str, value: float | None) -> float | None:
     if value is None or not math.isfinite(value):
         return value  # missing, or diverged (shown as nan / inf)
     return round(100 * value, 2) if measure.endswith("mIoU") else round(value, 4)
@@ -52,7 +52,7 @@ def summary_table(spec: SweepSpec, rows: list[TrialRow], eval_sets: list[str]) -
     """One row per trial (the paper's Tables 4 and 5): the swept values, status, each eval set's mIoU in % and its
     delta against the baseline row (with variants: the baseline variant at the same grid point; else the first
     trial), the metric's best value."""
-    grid = sorted(k for k, v in spec.space.items() if "grid" in v)
+    grid = sorted(k for k, v in spec.space.items() if "grid" in v) + ([SEED] if spec.seeds else [])
     shown = measures(spec, eval_sets)
 
     def baseline_of(row: TrialRow) -> TrialRow | None:
@@ -69,14 +69,16 @@ def summary_table(spec: SweepSpec, rows: list[TrialRow], eval_sets: list[str]) -
         if spec.variants and spec.space:  # (without a space, the label is the variant)
             line["variant"] = row.variant
         line.update({k: row.values.get(k) for k in spec.space})
+        if spec.seeds:
+            line[SEED] = row.values.get(SEED)
         line.update({"status": row.status, "steps": f"{row.step}/{row.total_steps}"})
         for measure in shown:
-            value = _scaled(measure, row.last.get(measure))
-            ref = _scaled(measure, base.last.get(measure)) if base is not None else None
-            line[_display(measure)] = value
-            line[f"Δ {_display(measure)}"] = round(value - ref, 2 if measure.endswith("mIoU") else 4) \
+            value = scaled(measure, row.last.get(measure))
+            ref = scaled(measure, base.last.get(measure)) if base is not None else None
+            line[display_name(measure)] = value
+            line[f"Δ {display_name(measure)}"] = round(value - ref, 2 if measure.endswith("mIoU") else 4) \
                 if value is not None and ref is not None and math.isfinite(value - ref) else None
-        line[f"best {_display(spec.metric)}"] = _scaled(spec.metric, row.best)
+        line[f"best {display_name(spec.metric)}"] = scaled(spec.metric, row.best)
         table.append(line)
     return table
 
@@ -102,7 +104,7 @@ def plot_metric(spec: SweepSpec, rows: list[TrialRow], key: str, path: Path) -> 
     """The sweep metric's last value of each trial against one swept key (the variant, for named variants)."""
     done = [r for r in rows if spec.metric in r.last]
     xs = [r.variant if key == "variant" else r.values.get(key) for r in done]
-    ys = [_scaled(spec.metric, r.last[spec.metric]) for r in done]
+    ys = [scaled(spec.metric, r.last[spec.metric]) for r in done]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     numeric = key != "variant" and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
     if numeric:
@@ -114,8 +116,8 @@ def plot_metric(spec: SweepSpec, rows: list[TrialRow], key: str, path: Path) -> 
         ax.scatter([names.index(str(x)) for x in xs], ys)
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_xlabel(key)
-    ax.set_ylabel(_display(spec.metric) + (" (%)" if spec.metric.endswith("mIoU") else ""))
-    ax.set_title(f"{spec.name}: {_display(spec.metric)} (last value) by {key}")
+    ax.set_ylabel(display_name(spec.metric) + (" (%)" if spec.metric.endswith("mIoU") else ""))
+    ax.set_title(f"{spec.name}: {display_name(spec.metric)} (last value) by {key}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +150,6 @@ def trial_rows(spec: SweepSpec, setup: TrialSetup, results: Any) -> list[TrialRo
             status, error = ("finished" if total and step >= total else "stopped early"), None
         rows.append(TrialRow(trial_id, variant, label, values, status, step, total, last, best, error=error))
     order = {label: i for i, (label, _) in enumerate(spec.trial_values())}
-    return sorted(rows, key=lambda r: (order.get(trial_label(r.variant, {k: r.values[k] for k in spec.space
-                                                                           if "grid" in spec.space[k]}), 0),
+    listed = [k for k in spec.space if "grid" in spec.space[k]] + ([SEED] if spec.seeds else [])
+    return sorted(rows, key=lambda r: (order.get(trial_label(r.variant, {k: r.values[k] for k in listed}), 0),
                                        r.trial_id))

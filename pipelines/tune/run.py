@@ -22,6 +22,7 @@ from pipelines.tracking import Tracker
 from pipelines.train import plan_training
 from pipelines.tune.report import TrialRow, markdown, plot_metric, summary_table, trial_rows
 from pipelines.tune.spec import SweepSpec, check_metric
+from pipelines.tune.stats import plot_statistics, seed_statistics, verdict
 from pipelines.tune.trial import SweepProgress, TrialSetup, ended_trials, param_space, run_trial, trial_dirname
 
 SWEEP_KEY_TAG = "pgseg.sweep_key"
@@ -43,6 +44,8 @@ class SweepResult:
     markdown: str
     run_id: str | None  # the sweep's MLflow run
     best: TrialRow | None
+    statistics: list[dict[str, Any]] | None = None  # with seeds: per variant over the seeds (pipelines.tune.stats)
+    verdicts: list[str] | None = None  # each variant against the baseline, with its interval
 
     @property
     def ok(self) -> bool:
@@ -50,7 +53,7 @@ class SweepResult:
 
 
 def _state(spec: SweepSpec, trial_configs: list[dict[str, Any]]) -> dict[str, Any]:
-    keep = ("name", "metric", "mode", "samples", "scheduler", "space", "variants", "baseline", "asha")
+    keep = ("name", "metric", "mode", "samples", "seeds", "scheduler", "space", "variants", "baseline", "asha")
     raw = {**to_dict(spec), "variants": [to_dict(v) for v in spec.variants]}
     return {"sweep": {k: raw[k] for k in keep}, "trials": trial_configs}
 
@@ -58,6 +61,7 @@ def _state(spec: SweepSpec, trial_configs: list[dict[str, Any]]) -> dict[str, An
 def _start_parent(tracker: Tracker, spec: SweepSpec, experiment: str, state: dict[str, Any], resume: bool) -> str:
     """The sweep's MLflow run: the same run when the sweep resumes; a sweep started over gets a new one."""
     params = {"sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.samples": spec.samples,
+              "sweep.seeds": ",".join(map(str, spec.seeds or [])) or "-",
               "sweep.scheduler": spec.scheduler, "sweep.trials": len(state["trials"]) * spec.samples,
               "sweep.keys": ",".join(spec.space) or "-", "sweep.variants": ",".join(v.name for v in spec.variants) or "-"}
     run_id, found = tracker.keyed_run(experiment, SWEEP_KEY_TAG, f"sweep:{spec.root}", f"sweep-{spec.name}",
@@ -162,8 +166,20 @@ def run_sweep(spec: SweepSpec, *, printer: Callable[[str], None] = print) -> Swe
     atomic_write_bytes(root / "summary.md", text.encode())
     keys = (["variant"] if len(spec.variants) > 1 else []) + list(spec.space)
     plots = [plot_metric(spec, rows, key, root / "plots" / f"{key}.png") for key in keys]
+    statistics = verdicts = None
+    if spec.seeds:
+        statistics = seed_statistics(spec, rows)
+        verdicts = [verdict(line, spec.baseline_name) for line in statistics if line["pairs"] is not None]
+        stats_text = markdown(statistics) + "".join(f"\n- {v}" for v in verdicts) + ("\n" if verdicts else "")
+        atomic_write_json(root / "summary_seeds.json", {"seeds": spec.seeds, "metric": spec.metric,
+                                                       "statistics": statistics, "verdicts": verdicts})
+        atomic_write_bytes(root / "summary_seeds.md", stats_text.encode())
+        plots.append(plot_statistics(spec, rows, statistics, root / "plots" / "seeds.png"))
+        text = text + "\n" + stats_text
     if parent:
         tracker.log_table(parent, table, "summary.json")
+        if statistics is not None:
+            tracker.log_table(parent, statistics, "summary_seeds.json")
         tracker.log_text(parent, text, "summary.md")
         for path in plots:
             tracker.log_artifact(parent, path, "plots")
@@ -172,4 +188,4 @@ def run_sweep(spec: SweepSpec, *, printer: Callable[[str], None] = print) -> Swe
             tracker.log_metrics(parent, {f"best/{spec.metric}": best.last[spec.metric]})
             tags["pgseg.best_trial"] = best.label
         tracker.end(parent, "FINISHED" if all(r.status != "failed" for r in rows) else "FAILED", tags)
-    return SweepResult(spec.name, root, rows, table, text, parent, best)
+    return SweepResult(spec.name, root, rows, table, text, parent, best, statistics, verdicts)

@@ -44,6 +44,7 @@ class SweepSpec:
     metric: str = "eval/dev/mIoU"
     mode: Literal["max", "min"] = "max"
     samples: int = 1
+    seeds: list[int] | None = None  # each point run once per seed (train.seed and data.seed); the summary pairs by seed
     scheduler: Literal["none", "asha"] = "none"
     asha: AshaSettings = field(default_factory=AshaSettings)
     trainable_cpus: float = 0.2  # the Tune trainable itself; the trainers' workers take config.train's resources
@@ -71,11 +72,22 @@ class SweepSpec:
         return [dict(zip(keys, values)) for values in itertools.product(*(grids[k] for k in keys))] or [{}]
 
     def trial_values(self) -> list[tuple[str, dict[str, Any]]]:
-        """(label, {key: value}) of each variant × grid point (sampled keys are drawn by Tune and not listed)."""
+        """(label, {key: value}) of each variant × grid point × seed (sampled keys are drawn by Tune and not
+        listed)."""
         out = []
-        for variant, point in itertools.product(self.variants or [Variant("default", {})], self.grid_points()):
-            out.append((trial_label(variant.name, point), {**variant.set, **point}))
+        for variant, point, seed in itertools.product(self.variants or [Variant("default", {})], self.grid_points(),
+                                                      self.seeds or [None]):
+            shown = point if seed is None else {**point, SEED: seed}
+            out.append((trial_label(variant.name, shown), {**variant.set, **point, **seed_values(seed)}))
         return out
+
+
+SEED = "seed"  # the trial parameter of a sweep's ``seeds`` (shown in labels and tables)
+SEED_KEYS = ("train.seed", "data.seed")  # what a sweep's seed sets: the model's init and noise, the data's order
+
+
+def seed_values(seed: int | None) -> dict[str, int]:
+    return {} if seed is None else dict.fromkeys(SEED_KEYS, seed)
 
 
 def trial_label(variant: str, values: dict[str, Any]) -> str:
@@ -93,8 +105,8 @@ def _check(spec: SweepSpec, values: dict[str, Any], where: str) -> None:
 
 
 def _check_space(spec: SweepSpec) -> None:
-    if not spec.space and not spec.variants:
-        raise ConfigError("space: the search space is empty (give space keys or variants)")
+    if not spec.space and not spec.variants and not spec.seeds:
+        raise ConfigError("space: the search space is empty (give space keys, variants or seeds)")
     for key, sampler in spec.space.items():
         where = f"space.{key}"
         if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
@@ -151,6 +163,14 @@ def load_sweep(path: str | Path, overrides: list[str] = (), workdir: str | None 
         spec.base_config = load_config(base, spec.set)
     except ConfigError as exc:
         raise ConfigError(f"base/set: {exc}") from None
+    if spec.seeds is not None:
+        if (not isinstance(spec.seeds, list) or not spec.seeds or len(set(spec.seeds)) != len(spec.seeds)
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in spec.seeds)):
+            raise ConfigError(f"seeds: give a non-empty list of distinct integers >= 0, got {spec.seeds!r}")
+        taken = [k for k in SEED_KEYS if k in spec.space or any(k in v.set for v in spec.variants)]
+        if taken:
+            raise ConfigError(f"seeds: {', '.join(taken)} is also swept (space or variants); the sweep's seeds set "
+                              f"{' and '.join(SEED_KEYS)}")
     _check_space(spec)
     if spec.samples < 1:
         raise ConfigError("samples: must be >= 1")

@@ -19,7 +19,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from pgseg.fileio import atomic_write_json
 from pipelines.train import TrainingError, fit, plan_training
-from pipelines.tune.spec import SweepSpec, Variant, trial_label
+from pipelines.tune.spec import SEED, SweepSpec, Variant, seed_values, trial_label
 
 TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}  # Tune fills these in
 ENDED_DIR = "ended"  # one mark per trial that ended (finished, stopped by the scheduler or failed)
@@ -39,14 +39,17 @@ class TrialSetup:
         return self.spec.variants[params["variant"]] if self.spec.variants else Variant("default", {})
 
     def describe(self, params: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-        """(variant name, label, the swept values) of a trial's Tune parameters."""
+        """(variant name, label, the swept values and, with ``seeds``, the seed) of a trial's Tune parameters."""
         name = self.variant(params).name
         values = {key: params[key] for key in self.spec.space}
+        if self.spec.seeds:
+            values[SEED] = params[SEED]
         return name, trial_label(name, values), values
 
     def values(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The config values of a trial: its variant's, then its point in the space."""
-        return {**self.variant(params).set, **self.describe(params)[2]}
+        """The config values of a trial: its variant's, then its point in the space, then its seed's."""
+        swept = {k: v for k, v in self.describe(params)[2].items() if k != SEED}
+        return {**self.variant(params).set, **swept, **seed_values(params.get(SEED) if self.spec.seeds else None)}
 
 
 def for_tune(metrics: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:
@@ -102,6 +105,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     space: dict[str, Any] = {"variant": tune.grid_search(list(range(len(spec.variants)))) if spec.variants else 0}
+    if spec.seeds:
+        space[SEED] = tune.grid_search(list(spec.seeds))
     for key, sampler in spec.space.items():
         kind, values = next(iter(sampler.items()))
         space[key] = {"grid": tune.grid_search, "choice": tune.choice}[kind](values) if kind in ("grid", "choice") \

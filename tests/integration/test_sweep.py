@@ -55,22 +55,22 @@ def test_two_trial_grid_logs_children_and_a_summary_with_deltas(ray_local, shape
     from pipelines.tune import load_sweep, run_sweep
 
     base = _base(tmp_path, shapes_data, mlflow_server, steps=8)
-    spec = load_sweep(_sweep(tmp_path, "grid", base, metric="eval/val/mIoU", space={"train.seed": {"grid": [0, 1]}}))
+    spec = load_sweep(_sweep(tmp_path, "grid", base, metric="eval/val/mIoU", seeds=[0, 1]))
     lines: list[str] = []
     result = run_sweep(spec, printer=lines.append)
     assert "2 trial(s), at most 1 at a time" in lines[0]  # 0.5 worker CPU + 0.2 trainable + 1 for Ray Data on 2 CPUs
     assert [r.status for r in result.rows] == ["finished", "finished"]
-    assert [r.values for r in result.rows] == [{"train.seed": 0}, {"train.seed": 1}]
+    assert [r.values for r in result.rows] == [{"seed": 0}, {"seed": 1}]
     client = MlflowClient(mlflow_server)
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["pgseg.sweep"] == "grid"
     children = _children(client, "sweep-test", result.run_id)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    by_seed = {int(c.data.params["trial.train.seed"]): c for c in children}
-    assert set(by_seed) == {0, 1} and by_seed[1].data.params["train.seed"] == "1"
+    by_seed = {int(c.data.params["trial.seed"]): c for c in children}  # a sweep's seed is the model's and the data's
+    assert set(by_seed) == {0, 1} and by_seed[1].data.params["train.seed"] == by_seed[1].data.params["data.seed"] == "1"
     # the summary read back from MLflow: one row per trial, mIoU as the children logged it, deltas against row 0
     rows = _summary(client, result.run_id)
-    assert [r["train.seed"] for r in rows] == [0, 1]
+    assert [r["seed"] for r in rows] == [0, 1]
     finals = {}
     for seed, child in by_seed.items():
         history = client.get_metric_history(child.info.run_id, "eval/val/mIoU")
@@ -81,9 +81,17 @@ def test_two_trial_grid_logs_children_and_a_summary_with_deltas(ray_local, shape
     assert rows[0]["Δ val mIoU"] == 0.0
     assert rows[1]["Δ val mIoU"] == pytest.approx(finals[1] - finals[0], abs=0.011)
     assert rows[0]["steps"] == "8/8" and rows[1]["status"] == "finished"
+    # over the seeds: the mean of the two final values, its std and 95 % interval (one point, so no pairs)
+    table = json.loads(Path(client.download_artifacts(result.run_id, "summary_seeds.json")).read_text())
+    (stats,) = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert stats["runs"] == 2 and stats["diverged"] == 0 and stats["pairs"] is None
+    assert stats["val mIoU mean"] == pytest.approx((finals[0] + finals[1]) / 2, abs=0.006)
+    assert stats["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5, abs=0.01)
+    if stats["std"] > 0:
+        assert stats["CI95 low"] < min(finals.values()) and stats["CI95 high"] > max(finals.values())
     markdown = Path(client.download_artifacts(result.run_id, "summary.md")).read_text()
-    assert markdown.count("\n") == 4 and "| train.seed |" in markdown  # header, rule, two rows
-    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/train.seed.png"]
+    assert "| seed |" in markdown and "| val mIoU mean |" in markdown
+    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/seeds.png"]
     best = max(result.rows, key=lambda r: r.last["eval/val/mIoU"])
     assert parent.data.tags["pgseg.best_trial"] == best.label
     # run again: Tune's state says every trial ended, nothing is trained again
