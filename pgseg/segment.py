@@ -225,12 +225,19 @@ def window_logits(model: torch.nn.Module, crop: torch.Tensor, classes: torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------ the image
-def _starts(size: int, window: int, stride: int) -> list[int]:
+def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Window origins along one side (mmseg's slide inference): the last window ends at the border."""
     if size <= window:
         return [0]
     n = (size - window + stride - 1) // stride + 1
     return sorted({min(i * stride, size - window) for i in range(n)})
+
+
+def window_boxes(height: int, width: int, settings: ProtocolSettings) -> list[tuple[int, int, int, int]]:
+    """The windows (y0, x0, y1, x1) of an image at protocol size, row by row, left to right."""
+    win, stride = settings.window, settings.stride
+    return [(y, x, min(y + win, height), min(x + win, width)) for y in window_starts(height, win, stride)
+            for x in window_starts(width, win, stride)]
 
 
 @torch.no_grad()
@@ -239,9 +246,7 @@ def sliding_logits(model: torch.nn.Module, image: torch.Tensor, classes: torch.T
     """[3, H, W] normalised image at protocol size → [C, H, W]: the windows' scores summed (row by row, left to
     right, as mmseg visits them) and divided by the number of windows covering each pixel."""
     _, height, width = image.shape
-    win = settings.window
-    boxes = [(y, x, min(y + win, height), min(x + win, width)) for y in _starts(height, win, settings.stride)
-             for x in _starts(width, win, settings.stride)]
+    boxes = window_boxes(height, width, settings)
     total, count = None, torch.zeros(1, height, width, device=image.device)
     for i in range(0, len(boxes), batch):
         chunk = boxes[i:i + batch]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pgseg.metrics import ConfusionMatrix
-from pgseg.segment import (ProtocolSettings, Segmenter, _starts, clean_class_names, protocol_input, protocol_size,
+from pgseg.segment import (ProtocolSettings, Segmenter, window_starts, clean_class_names, protocol_input, protocol_size,
                            read_image, sliding_logits, window_logits)
 
 D = 4
@@ -139,7 +139,7 @@ def test_the_releases_resize_rounds_8_bit_pixels_and_the_float_one_does_not():
 
 
 def test_sliding_windows_average_overlaps_and_labels_come_back_at_the_original_size():
-    assert _starts(20, 8, 4) == [0, 4, 8, 12] and _starts(6, 8, 4) == [0] and _starts(10, 8, 4) == [0, 2]
+    assert window_starts(20, 8, 4) == [0, 4, 8, 12] and window_starts(6, 8, 4) == [0] and window_starts(10, 8, 4) == [0, 2]
     model = SignModel()
     settings = ProtocolSettings(window=8, stride=4, short_side=16, bg_thresh=None)
     image = _image(16, 24, 10)

@@ -1,0 +1,144 @@
+"""The learner study on the shapes world, in one process and without Ray (issue 17): the project's training step
+(``pgseg.train.TrainStep``) on a world's images prepared the ingest's way (JPEG, ``Preprocess``: captions, noun
+prompts), for a given number of epochs; the curve (train loss, dev mIoU, dev oracle-group mIoU) every few steps,
+and the *final* model's val mIoU and oracle mIoU. One run per call; the record goes to ``results/learner/``.
+
+    python -m benchmarks.learner NAME [--set KEY=VALUE ...] [--world KEY=VALUE ...] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "experiments" / "quickstart.yaml"
+
+
+def _value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def quickstart_parts() -> tuple[dict, dict]:
+    """The quickstart experiment's world and its training overrides (as written in the experiment file)."""
+    import yaml
+
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    return raw["sources"]["shapes"], raw["train"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE (after the quickstart's)")
+    parser.add_argument("--world", nargs="*", default=[], help="shapes-world fields KEY=VALUE")
+    parser.add_argument("--seed", type=int, default=0, help="train.seed and data.seed")
+    parser.add_argument("--images", type=int, default=None, help="training images (default: the quickstart's)")
+    parser.add_argument("--batch", type=int, default=64, help="the global batch (the quickstart: 2 workers x 32)")
+    parser.add_argument("--curve-every", type=int, default=50, help="steps between curve points (0: none)")
+    parser.add_argument("--dev", type=int, default=50, help="dev images scored for each curve point")
+    parser.add_argument("--val", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(REPO / "results" / "learner"))
+    args = parser.parse_args()
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from pgseg.analyze import oracle_confusion
+    from pgseg.config import load_config
+    from pgseg.datasets import voc
+    from pgseg.evaluate import confusion_in_process
+    from pgseg.segment import ProtocolSettings, background_threshold
+    from pgseg.train import TrainStep
+    from pipelines.data.ingest import Preprocess
+    from pipelines.data.shapes_world import ShapesWorld, write_voc_val
+
+    torch.set_num_threads(args.threads)
+    world_spec, train_spec = quickstart_parts()
+    world_fields = {**world_spec["world"], **{k: _value(v) for k, v in (kv.split("=", 1) for kv in args.world)}}
+    world = ShapesWorld(**world_fields)
+    images = args.images or world_spec["train_images"]
+    base = str((QUICKSTART.parent / train_spec["base"]).resolve())
+    overrides = [f"schedule.epochs={train_spec['schedule']['epochs']}",
+                 f"schedule.warmup_epochs={train_spec['schedule']['warmup_epochs']}",
+                 "data.augment=false", f"data.batch_size={args.batch}", "train.workers=1",
+                 f"train.seed={args.seed}", f"data.seed={args.seed}", "tracking.enabled=false", *args.set]
+    config = load_config(base, overrides)
+    steps_per_epoch = images // args.batch
+    total = steps_per_epoch * config.schedule.epochs
+
+    work = Path(tempfile.mkdtemp(prefix="pgseg-learner-"))
+    t0 = time.perf_counter()
+    jpegs, captions = [], []
+    for i in range(images):
+        sample = world.sample("train", i)
+        buf = io.BytesIO()
+        sample.image.save(buf, format="JPEG", quality=95)
+        jpegs.append(buf.getvalue())
+        captions.append(world.caption("train", i, sample.names).encode())
+    dev = voc(write_voc_val(world, work / "dev", args.dev, "dev"))
+    val = voc(write_voc_val(world, work / "val", args.val, "val"))
+    prepare_s = time.perf_counter() - t0
+    e = config.eval
+    settings = ProtocolSettings.of(e, background_threshold(None, e, dev.bg_thresh))
+    prep = Preprocess(config.data.img_size, config.model.text.context_length, config.data.min_scale, None,
+                      train=False, multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
+                      seed=(args.seed, 0))
+    trainer = TrainStep(config, steps_per_epoch, init=False)
+
+    def score(dataset) -> dict[str, float]:
+        trainer.model.eval()
+        with torch.no_grad():
+            miou = confusion_in_process(trainer.model, dataset, settings).scores().miou
+            oracle = oracle_confusion(trainer.model, dataset, settings).scores().miou
+        return {"miou": miou, "oracle_miou": oracle}
+
+    curve: list[dict] = []
+    losses: list[float] = []
+    start = time.perf_counter()
+    step = 0
+    for epoch in range(config.schedule.epochs):
+        order = np.random.default_rng([args.seed, epoch]).permutation(images)
+        for b in range(steps_per_epoch):
+            idx = order[b * args.batch:(b + 1) * args.batch]
+            prep.seed = (args.seed, epoch, b)
+            batch = prep(pd.DataFrame({"jpg": [jpegs[i] for i in idx], "txt": [captions[i] for i in idx]}))
+            result = trainer({k: torch.from_numpy(v) for k, v in batch.items()}, step)
+            losses.append(result.losses["loss"] if result.finite else float("nan"))
+            step += 1
+            if args.curve_every and (step % args.curve_every == 0 or step == total):
+                point = {"step": step, "loss": float(np.nanmean(losses[-args.curve_every:])), **score(dev),
+                         "itc_scale": float(result.metrics["itc_scale"])}
+                curve.append(point)
+                print(json.dumps(point), flush=True)
+    train_s = time.perf_counter() - start
+    final = score(val)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    record = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.learner", *sys.argv[1:]]),
+              "commit": commit, "date": str(date.today()), "machine": f"{os.cpu_count()} cores, {args.threads} thread(s)",
+              "name": args.name, "seed": args.seed, "world": world_fields, "overrides": overrides,
+              "images": images, "steps": total, "prepare_s": round(prepare_s, 1), "train_s": round(train_s, 1),
+              "val": final, "val_images": args.val, "curve": curve}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}_seed{args.seed}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({"name": args.name, "seed": args.seed, **final, "train_s": round(train_s, 1)}))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
