@@ -37,7 +37,7 @@ class HelpfulParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, data, evaluate, run, segment, sweep, train
+    from . import analyze, convert, data, evaluate, run, segment, sweep, train
 
     parser = HelpfulParser(prog="pgseg", description="PGSeg on Ray: weakly open-vocabulary segmentation.")
     parser.add_argument("--version", action="version", version=f"pgseg {__version__}")
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     segment.add_parser(sub)
     evaluate.add_parser(sub)
+    analyze.add_parser(sub)
     run.add_parser(sub)
     sweep.add_parser(sub)
     p = sub.add_parser("config", help="print a resolved config (preset or YAML, with --set overrides)")

@@ -24,6 +24,7 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pgseg.analyze import Analysis
 from pgseg.config import ConfigError
 from pgseg.evaluate import ClassificationResult, EvalResult
 from pgseg.visualize import grid
@@ -319,6 +320,28 @@ def log_eval(result: EvalResult, uri: str, *, run_id: str | None = None, experim
     if result.overlays:
         pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in result.overlays]
         tracker.log_image(run_id, grid(pictures), f"eval/{name}_overlays.png")
+    if own:
+        tracker.end(run_id, "FINISHED")
+    return run_id
+
+
+def log_analysis(results: list[Analysis], uri: str, *, run_id: str | None = None,
+                 experiment: str = "pgseg-eval") -> str:
+    """``pgseg analyze``'s figures per set: scalars as metrics, the figures as a table and JSON, the Markdown and
+    the pictures; into ``run_id`` or a new run of its own (ended when logged)."""
+    tracker = Tracker(uri)
+    own = run_id is None
+    if run_id is None:
+        run_id = tracker.create_run(experiment, "analyze-" + "-".join(r.dataset for r in results))
+    for result in results:
+        name = result.dataset
+        tracker.log_metrics(run_id, result.metrics())
+        figures = result.figures()
+        tracker.log_table(run_id, figures["classes"], f"analyze/{name}_classes.json")
+        tracker.log_dict(run_id, figures, f"analyze/{name}_analysis.json")
+        tracker.log_text(run_id, result.text(), f"analyze/{name}_analysis.md")
+        for picture, png in result.pictures.items():
+            tracker.log_image(run_id, Image.open(io.BytesIO(png)).convert("RGB"), f"analyze/{name}_{picture}")
     if own:
         tracker.end(run_id, "FINISHED")
     return run_id

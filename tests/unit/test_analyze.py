@@ -100,3 +100,24 @@ def test_merging_two_classes_into_one_group_loses_the_smaller():
     assert oracle_labels(groups, unlabelled, 4)[0, 0] == 255  # a group with no labelled pixel names nothing
     tie = torch.tensor([[3, 2, 0, 0], [2, 3, 0, 0]])
     assert oracle_labels(groups, tie, 4)[0, 0] == 2  # a tie: the lower class id
+
+
+def test_compactness_and_richness_on_made_embeddings():
+    from pgseg.analyze import compactness, richness
+
+    # three classes, each a tight cloud around its own axis: intra distances ~0, inter ~1 (orthogonal)
+    gen = torch.Generator().manual_seed(0)
+    axes = torch.eye(8)[:3]
+    classes = torch.arange(3).repeat_interleave(20)
+    tight = axes[classes] + 0.01 * torch.randn(60, 8, generator=gen)
+    result = compactness(tight, classes, ["a", "b", "c"])
+    assert result.intra < 1e-3 and result.inter == pytest.approx(1.0, abs=0.02) and result.ratio < 1e-3
+    assert set(result.per_class) == {"a", "b", "c"}
+    mixed = torch.randn(60, 8, generator=gen)  # no class structure: intra and inter alike
+    assert compactness(mixed, classes, ["a", "b", "c"]).ratio == pytest.approx(1.0, abs=0.1)
+    # richness: three used directions give about three effective dimensions; isotropic noise gives most of 8
+    assert richness(tight).effective_dims == pytest.approx(2.0, abs=0.1)  # 3 centred points span 2 dimensions
+    assert richness(mixed).effective_dims > 5
+    assert richness(tight).variances == sorted(richness(tight).variances, reverse=True)
+    with pytest.raises(ValueError, match="two groups of one class"):
+        compactness(tight[:3], classes[::20], ["a", "b", "c"])
