@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "results" / "learner"))
+    parser.add_argument("--model-out", default=None, metavar="DIR", help="also save the final model file here")
     args = parser.parse_args()
 
     import numpy as np
@@ -75,12 +76,13 @@ def main() -> None:
     overrides = [f"schedule.epochs={train_spec['schedule']['epochs']}",
                  f"schedule.warmup_epochs={train_spec['schedule']['warmup_epochs']}",
                  "data.augment=false", f"data.batch_size={args.batch}", "train.workers=1",
-                 f"train.seed={args.seed}", f"data.seed={args.seed}", "tracking.enabled=false", *args.set]
-    config = load_config(base, overrides)
+                 f"train.seed={args.seed}", f"data.seed={args.seed}", "tracking.enabled=false"]
+    work = Path(tempfile.mkdtemp(prefix="pgseg-learner-"))
+    (work / "nouns.txt").write_text("\n".join(world.nouns) + "\n")  # as the quickstart's sources stage writes it
+    config = load_config(base, [*overrides, f"loss.noun_vocabulary={work / 'nouns.txt'}", *args.set])
     steps_per_epoch = images // args.batch
     total = steps_per_epoch * config.schedule.epochs
 
-    work = Path(tempfile.mkdtemp(prefix="pgseg-learner-"))
     t0 = time.perf_counter()
     jpegs, captions = [], []
     for i in range(images):
@@ -108,6 +110,7 @@ def main() -> None:
 
     curve: list[dict] = []
     losses: list[float] = []
+    terms: list[dict[str, float]] = []
     start = time.perf_counter()
     step = 0
     for epoch in range(config.schedule.epochs):
@@ -118,14 +121,23 @@ def main() -> None:
             batch = prep(pd.DataFrame({"jpg": [jpegs[i] for i in idx], "txt": [captions[i] for i in idx]}))
             result = trainer({k: torch.from_numpy(v) for k, v in batch.items()}, step)
             losses.append(result.losses["loss"] if result.finite else float("nan"))
+            terms.append(result.losses)
             step += 1
             if args.curve_every and (step % args.curve_every == 0 or step == total):
-                point = {"step": step, "loss": float(np.nanmean(losses[-args.curve_every:])), **score(dev),
+                recent = terms[-args.curve_every:]
+                point = {"step": step, "loss": float(np.nanmean(losses[-args.curve_every:])),
+                         **{k: round(float(np.nanmean([t[k] for t in recent])), 4) for k in recent[-1]
+                            if k != "loss"}, **score(dev),
                          "itc_scale": float(result.metrics["itc_scale"])}
                 curve.append(point)
                 print(json.dumps(point), flush=True)
     train_s = time.perf_counter() - start
     final = score(val)
+    if args.model_out:
+        from pgseg.checkpoint import save_model
+
+        Path(args.model_out).mkdir(parents=True, exist_ok=True)
+        save_model(trainer.model, config, str(Path(args.model_out) / f"{args.name}_seed{args.seed}.safetensors"))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     record = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.learner", *sys.argv[1:]]),
               "commit": commit, "date": str(date.today()), "machine": f"{os.cpu_count()} cores, {args.threads} thread(s)",

@@ -131,6 +131,13 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, status)
 
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of ``key``, by step (the last value logged at a step wins)."""
+        by_step = {}
+        for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+            by_step[m.step] = m.value
+        return sorted(by_step.items())
+
     # ------------------------------------------------------------------------------------------------ content
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)

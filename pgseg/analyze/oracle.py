@@ -108,12 +108,14 @@ def score_oracle(matrix: ConfusionMatrix, pred: torch.Tensor, target: np.ndarray
     matrix.update(pred, truth, source)
 
 
-def oracle_confusion(model: Any, dataset: SegmentationDataset, settings: ProtocolSettings) -> ConfusionMatrix:
-    """The confusion counts of the oracle-labelled groups over ``dataset``."""
+def oracle_confusion(model: Any, dataset: SegmentationDataset, settings: ProtocolSettings,
+                     part: tuple[int, int] = (0, 1)) -> ConfusionMatrix:
+    """The confusion counts of the oracle-labelled groups over samples ``part[0]``, ``part[0] + part[1]``, … of
+    ``dataset`` (one rank's share; the sum over the parts is the whole set's)."""
     model.eval()
     n = len(dataset.class_names)
     matrix = ConfusionMatrix(n, class_names=dataset.class_names)
-    for sample in dataset.samples:
+    for sample in dataset.samples[part[0]::part[1]]:
         image, target = np.asarray(read_image(sample.image)), dataset.read_mask(sample)
         score_oracle(matrix, oracle_prediction(model, image, target, n, settings), target, str(sample.mask))
     return matrix

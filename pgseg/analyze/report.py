@@ -20,7 +20,8 @@ from .cost import ModelCost, model_cost
 from .embedding import (Compactness, Richness, compactness, compactness_plot, richness, richness_plot)
 from .oracle import image_windows, oracle_prediction, score_oracle
 
-FILES = ("analysis.json", "analysis.md", "compactness.png", "richness.png")
+FILES = ("analysis.json", "analysis.md", "compactness.png", "richness.png", "groups.png")
+DRAWN = 8  # images drawn in groups.png
 
 
 @dataclass
@@ -92,6 +93,38 @@ def result_paths(folder: str | Path, dataset: str) -> list[Path]:
     return [Path(folder) / dataset / name for name in FILES]
 
 
+def group_map(size: tuple[int, int], windows: list) -> torch.Tensor:
+    """[h, w] at protocol size: each pixel's group in the last window that covers it (windows row by row)."""
+    out = torch.zeros(size, dtype=torch.long)
+    for w in windows:
+        y0, x0, y1, x1 = w.box
+        out[y0:y1, x0:x1] = w.groups + 1  # palette colour 0 is black: groups from 1
+    return out
+
+
+def groups_picture(rows: list[tuple[Any, np.ndarray, torch.Tensor, torch.Tensor]], names: list[str]) -> bytes:
+    """image | ground truth | groups (each its own colour) | each group named by the ground truth, per image."""
+    import io
+
+    from PIL import Image
+
+    from ..segment import upscale_labels
+    from ..visualize import comparison, grid, overlay
+
+    tiles = []
+    for image, target, groups, oracle in rows:
+        groups = upscale_labels(groups, tuple(target.shape)).long()
+        left = comparison(image, target, oracle.clamp(max=len(names) - 1), names)
+        drawn = overlay(image, groups, ["group"] * 256, alpha=0.6, legend=False)
+        tile = Image.new("RGB", (left.width + drawn.width + 4, max(left.height, drawn.height)), (255, 255, 255))
+        tile.paste(left, (0, 0))
+        tile.paste(drawn, (left.width + 4, 0))
+        tiles.append(tile)
+    buf = io.BytesIO()
+    grid(tiles, columns=2).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @torch.no_grad()
 def analyze(model: torch.nn.Module, dataset: SegmentationDataset, settings: ProtocolSettings,
             image_size: int, max_images: int | None = None) -> Analysis:
@@ -103,12 +136,15 @@ def analyze(model: torch.nn.Module, dataset: SegmentationDataset, settings: Prot
         raise ValueError(f"{dataset.name}: no images to analyse")
     n = len(dataset.class_names)
     oracle = ConfusionMatrix(n, class_names=dataset.class_names)
-    embeddings, classes = [], []
+    embeddings, classes, drawn = [], [], []
     for sample in dataset.samples:
-        image, target = np.asarray(read_image(sample.image)), dataset.read_mask(sample)
+        picture = read_image(sample.image)
+        image, target = np.asarray(picture), dataset.read_mask(sample)
         windows = image_windows(model, image, target, n, settings)
-        score_oracle(oracle, oracle_prediction(model, image, target, n, settings, windows=windows), target,
-                     str(sample.mask))
+        named = oracle_prediction(model, image, target, n, settings, windows=windows)
+        score_oracle(oracle, named, target, str(sample.mask))
+        if len(drawn) < DRAWN:
+            drawn.append((picture, target, group_map(*windows), named))
         for w in windows[1]:
             keep = (w.pixels > 0) & (w.classes != 255)
             if w.embeddings is not None and keep.any():
@@ -118,7 +154,7 @@ def analyze(model: torch.nn.Module, dataset: SegmentationDataset, settings: Prot
     found = torch.cat(embeddings) if embeddings else torch.zeros(0, 1)
     labels = torch.cat(classes) if classes else torch.zeros(0, dtype=torch.long)
     compact = rich = None
-    pictures = {}
+    pictures = {"groups.png": groups_picture(drawn, dataset.class_names)}
     if len(labels) >= 2 and labels.unique().numel() >= 2 and torch.bincount(labels).max() >= 2:
         compact = compactness(found, labels, dataset.class_names)
         pictures["compactness.png"] = compactness_plot(found, labels, dataset.class_names, compact)

@@ -50,6 +50,9 @@ class ImageEncoderConfig:
     gumbel: bool = True  # Gumbel noise on the assignment logits in training
     gumbel_tau: float = 1.0
     assign_eps: float = 1.0
+    # a segment token = its group centre + the mean of its assigned tokens (GroupViT); False: the assigned tokens only,
+    # so a group's embedding carries its region and nothing of the centre's view of the whole image
+    centre_residual: bool = True
     # token-axis MLP width of the grouping block and of the stage-1 group projector, as a fraction of embed_dim
     token_mlp_ratio: float = 0.5
 
@@ -190,6 +193,8 @@ class LossConfig:
     # GroupViT's multi-label contrastive loss (off in PGSeg): K nouns per caption into prompt templates
     multi_label: int = 0
     multi_label_weight: float = 1.0
+    # the same noun prompts against the image's groups (each noun scored by its best-matching group): 0 = off
+    group_nouns_weight: float = 0.0
     share_temperature: bool = False
     noun_vocabulary: str | None = None  # a text file, one noun per line; None = the built-in vocabulary
 
@@ -197,6 +202,9 @@ class LossConfig:
         _require(self.itc_weight >= 0, f"{key}.itc_weight", "must be >= 0")
         _require(self.multi_label >= 0, f"{key}.multi_label", "must be >= 0 (number of nouns per caption)")
         _require(self.multi_label_weight >= 0, f"{key}.multi_label_weight", "must be >= 0")
+        _require(self.group_nouns_weight >= 0, f"{key}.group_nouns_weight", "must be >= 0")
+        _require(self.group_nouns_weight == 0 or self.multi_label > 0, f"{key}.group_nouns_weight",
+                 "needs noun prompts: set loss.multi_label (nouns per caption) > 0")
 
 
 @dataclass
@@ -260,8 +268,9 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    # held-out sets (KIND:ROOT) scored during training, in process on rank 0; the first one picks model_best
+    # held-out sets (KIND:ROOT) scored during training, each rank its share; the first one picks model_best
     datasets: list[str] = field(default_factory=list)
+    oracle: bool = False  # also the oracle-group mIoU (eval/<set>/oracle_mIoU: grouping apart from naming)
     every_epochs: int = 1
     every_steps: int = 0  # > 0: score every this many steps instead of every_epochs
     window: int = 448

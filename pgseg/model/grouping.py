@@ -63,8 +63,9 @@ class GroupingBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_group_token: int, num_output_group: int,
                  token_mlp_ratio: float = 0.5, mlp_ratio: float = 4.0, hard: bool = True, gumbel: bool = True,
-                 gumbel_tau: float = 1.0, assign_eps: float = 1.0):
+                 gumbel_tau: float = 1.0, assign_eps: float = 1.0, centre_residual: bool = True):
         super().__init__()
+        self.centre_residual = centre_residual
         self.norm_tokens = nn.LayerNorm(dim)
         self.mlp_inter = Mlp(num_group_token, int(dim * token_mlp_ratio), num_output_group)
         self.norm_post_tokens = nn.LayerNorm(dim)
@@ -82,7 +83,8 @@ class GroupingBlock(nn.Module):
         centres = self.norm_post_tokens(self.mlp_inter(group_tokens.transpose(1, 2)).transpose(1, 2))
         centres = self.pre_assign_attn(centres, x)  # [B, G_out, C] the group centres
         segments, soft, hard = self.assign(centres, x)
-        segments = segments + centres
+        if self.centre_residual:
+            segments = segments + centres
         segments = segments + self.mlp_channels(self.norm_new_x(segments))
         return segments, Assignment(soft=soft, hard=hard, centres=centres)
 

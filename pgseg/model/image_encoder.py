@@ -71,7 +71,7 @@ class GroupingLayer(nn.Module):
             self.downsample = GroupingBlock(dim, num_heads, num_group_token, num_output_group,
                                             token_mlp_ratio=cfg.token_mlp_ratio, mlp_ratio=cfg.mlp_ratio,
                                             hard=cfg.hard_assignment, gumbel=cfg.gumbel, gumbel_tau=cfg.gumbel_tau,
-                                            assign_eps=cfg.assign_eps)
+                                            assign_eps=cfg.assign_eps, centre_residual=cfg.centre_residual)
             if num_prototypes is not None:
                 self.downsample_spatial = PrototypeUnit(dim, num_prototypes, em_iters, proj_hidden_dim, proj_num_layers)
         self.group_projector = None

@@ -123,7 +123,8 @@ class PGSeg(nn.Module):
         """
         npr, world = self.npr, self.world
         text = self.encode_text(tokens, mean=world.mean)
-        image = self.encode_image(images, groups=False)
+        group_nouns = noun_tokens is not None and self.loss_cfg.multi_label > 0 and self.loss_cfg.group_nouns_weight > 0
+        image = self.encode_image(images, groups=group_nouns)
         itc_scale = self.itc_scale()
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {"itc_scale": itc_scale.detach()}
@@ -133,6 +134,11 @@ class PGSeg(nn.Module):
             nouns = self.encode_text(noun_tokens.reshape(b * k, length), mean=world.mean).x.reshape(b, k, -1)
             scale = itc_scale if self.loss_cfg.share_temperature else self._clamped(self.multi_label_logit_scale)
             terms["multi_label"] = self.loss_cfg.multi_label_weight * multi_label_loss(image.x, nouns, scale, world)
+            if group_nouns:  # the groups themselves, as segmentation will name them: nouns only (a caption that
+                # stands in for a missing noun names the whole image, which no one group should carry)
+                nouns_only = (noun_tokens != tokens[:, None, :noun_tokens.shape[-1]]).any(dim=-1)  # [B, K]
+                terms["group_nouns"] = self.loss_cfg.group_nouns_weight * multi_label_loss(
+                    image.groups, nouns, scale, world, valid=nouns_only)
         stages = image.out.stages
         prototypes = {f"stage{s}": st.prototypes for s, st in enumerate(stages) if st.prototypes is not None}
         if text.prototypes is not None:

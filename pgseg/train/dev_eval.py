@@ -8,6 +8,7 @@ import copy
 
 import torch
 
+from ..analyze.oracle import oracle_confusion
 from ..checkpoint import save_model
 from ..config import Config
 from ..datasets import open_dataset
@@ -34,6 +35,10 @@ class DevEvaluation:
                 matrix.matrix = self.world.total(matrix.matrix)
                 scores = matrix.scores()
                 out[f"eval/{dataset.name}/mIoU"] = scores.miou
+                if self.config.eval.oracle:
+                    oracle = oracle_confusion(frozen, dataset, settings, part=(self.world.rank, self.world.world))
+                    oracle.matrix = self.world.total(oracle.matrix)
+                    out[f"eval/{dataset.name}/oracle_mIoU"] = oracle.scores().miou
                 if i == 0:
                     out["eval/best_mIoU"] = max(best, scores.miou)
                     if scores.miou > best:

@@ -37,6 +37,15 @@ TEMPLATES_ONE = ("a photo of a {}.", "a {} on a textured background.", "there is
                  "a picture showing a {}.", "a single {}.")
 TEMPLATES_MANY = ("a photo of {}.", "{} on a textured background.", "there are {} in the picture.",
                   "a picture showing {}.", "{} together.")
+# with ``caption_background``: every caption also names the stuff around the shapes, as real captions name the
+# grass or the sky ("background" then is one of the world's nouns)
+TEMPLATES_ONE_BG = ("a photo of a {} on a background.", "a {} on a textured background.",
+                    "a background with a {} in front.", "a picture showing a {} and the background.",
+                    "a single {} against a background.")
+TEMPLATES_MANY_BG = ("a photo of {} on a background.", "{} on a textured background.",
+                     "a background with {} in front.", "a picture showing {} and the background.",
+                     "{} together against a background.")
+BACKGROUND_NOUN = "background"
 # "dev" is held out for picking a checkpoint during training; "val" is what results are reported on
 SPLITS = {"train": 0, "val": 1, "dev": 3}
 MIN_VISIBLE = 0.5  # every drawn shape keeps at least half of its pixels
@@ -60,6 +69,7 @@ class ShapesWorld:
     max_radius: float = 0.27
     colour_tie: float = 0.8
     background_tint: float = 1.0  # how coloured the textured background may be (0 = grey)
+    caption_background: bool = False  # every caption names the background too
     seed: int = 0
     classes: tuple[str, ...] = field(init=False)
 
@@ -185,10 +195,16 @@ class ShapesWorld:
         parts = [f"{words.get(c, str(c))} {name}{'s' if c > 1 else ''}" for name, c in counts.items()]
         order = rng.permutation(len(parts))
         parts = [parts[i] for i in order]
+        one, many = (TEMPLATES_ONE_BG, TEMPLATES_MANY_BG) if self.caption_background else (TEMPLATES_ONE, TEMPLATES_MANY)
         if len(parts) == 1 and counts[names[0]] == 1:
-            return TEMPLATES_ONE[int(rng.integers(len(TEMPLATES_ONE)))].format(names[0])
+            return one[int(rng.integers(len(one)))].format(names[0])
         phrase = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return TEMPLATES_MANY[int(rng.integers(len(TEMPLATES_MANY)))].format(phrase)
+        return many[int(rng.integers(len(many)))].format(phrase)
+
+    @property
+    def nouns(self) -> list[str]:
+        """The nouns its captions name: the classes (and the background, when captions name it)."""
+        return [*self.classes, *([BACKGROUND_NOUN] if self.caption_background else [])]
 
 
 

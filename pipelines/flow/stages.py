@@ -16,6 +16,7 @@ from pipelines.data.shapes_world import ShapesWorld, download_world, write_train
 from pipelines.data.sources import build_url_list
 from pipelines.digest import file_digest, tree_digest, value_digest
 from pipelines.evaluate import evaluate
+from pipelines.flow.curve import learning_curve
 from pipelines.flow.experiment import Experiment, training_config
 from pipelines.flow.manifest import StageRecord
 from pipelines.runtime import start_ray
@@ -56,7 +57,7 @@ def stage_sources(ctx: Context) -> StageRecord:
         out = ctx.root / "shapes"
         rows = write_train_images(world, out / "www", shapes.train_images)
         atomic_write_json(out / "rows.json", rows)
-        atomic_write_bytes(out / "nouns.txt", ("\n".join(world.classes) + "\n").encode())
+        atomic_write_bytes(out / "nouns.txt", ("\n".join(world.nouns) + "\n").encode())
         write_voc_val(world, out / "val", shapes.val_images, "val")
         outputs = {"www": str(out / "www"), "rows": str(out / "rows.json"), "val": str(out / "val"),
                    "nouns": str(out / "nouns.txt")}
@@ -117,9 +118,14 @@ def stage_train(ctx: Context) -> StageRecord:
         outputs["best_model"] = str(best)
     ctx.printer(f"train: {result.step} steps, model at {result.model_file}"
                 + (f", best (by {config.eval.datasets[0]}) at {best}" if best.is_file() else ""))
+    if ctx.tracker and result.run_id:
+        dev = open_dataset(config.eval.datasets[0]).name if config.eval.datasets else None
+        curve = learning_curve(ctx.tracker, result.run_id, dev, ctx.root / "learning_curve.png")
+        if curve is not None:  # (a picture, not an output: a missing one does not make the stage run again)
+            ctx.printer(f"train: learning curve at {curve}")
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float)) and k.startswith("eval/")}
-    return StageRecord("train", "", value_digest([file_digest(p) for p in outputs.values()]), outputs, 0.0, result.run_id,
-                       metrics)
+    return StageRecord("train", "", value_digest([file_digest(p) for p in outputs.values()]), outputs, 0.0,
+                       result.run_id, metrics)
 
 
 def start_over_if_inputs_changed(ctx: Context, folder: Path | None, stage: str) -> bool:

@@ -21,7 +21,7 @@ def _experiment(tmp_path: Path, uri: str | None) -> Path:
         "download": {"image_size": 64, "number_sample_per_shard": 128, "processes_count": 1, "thread_count": 4},
         "train": {"base": "tiny", "data": {"batch_size": 16, "augment": False}, "schedule": {"epochs": 1},
                   "train": {"workers": 1, "cpus_per_worker": 0.5, "checkpoint_every": 100, "nonfinite": "stop"},
-                  "tracking": {"log_every": 4}, "eval": {"every_steps": 8}},
+                  "tracking": {"log_every": 4}, "eval": {"every_steps": 8, "oracle": True}},
         "evaluate": {"datasets": ["shapes"], "overlays": 2},
     }
     path = tmp_path / "wf.yaml"
@@ -54,7 +54,8 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     assert len(shards_before) == 2
     # 2. run again: sources and download are skipped, training continues and evaluation runs
     monkeypatch.delenv("PGSEG_FAULT_INJECT")
-    second = run_workflow(experiment, printer=lambda _: None)
+    printed: list[str] = []
+    second = run_workflow(experiment, printer=printed.append)
     assert _statuses(second) == {"sources": "skipped", "download": "skipped", "train": "ran", "evaluate": "ran"}
     assert {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")} == shards_before
     results = json.loads((root / "eval" / "results.json").read_text())
@@ -75,6 +76,22 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     assert wf.data.metrics["eval/val/mIoU"] == pytest.approx(results["val"]["miou"])
     history = client.get_metric_history(train_id, "eval/dev/mIoU")  # scored during training (every 8 steps)
     assert sorted(m.step for m in history) == [8, 16]
+    # the oracle-group mIoU beside it: at the last step, the final model's own (scored again here)
+    from pgseg.analyze import oracle_confusion
+    from pgseg.checkpoint import load_model
+    from pgseg.datasets import voc
+    from pgseg.segment import ProtocolSettings, background_threshold
+
+    oracle = {m.step: m.value for m in client.get_metric_history(train_id, "eval/dev/oracle_mIoU")}
+    assert sorted(oracle) == [8, 16]
+    final, config = load_model(root / "runs" / "wf" / "model.safetensors")
+    dev = voc(root / "shapes" / "dev")
+    settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval, dev.bg_thresh))
+    assert oracle[16] == pytest.approx(oracle_confusion(final, dev, settings).scores().miou, abs=1e-3)
+    # the learning curve (loss, dev mIoU, oracle mIoU against steps): its path printed, the picture in the run
+    curve = root / "learning_curve.png"
+    assert f"train: learning curve at {curve}" in printed and curve.read_bytes()[:4] == b"\x89PNG"
+    assert "learning_curve.png" in {a.path for a in client.list_artifacts(train_id)}
     steps = [m.step for m in client.get_metric_history(train_id, "loss")]
     assert steps == sorted(set(steps)) and max(steps) == 16  # resumed, each step once
     # 3. a finished experiment run again: every stage skipped, nothing rewritten

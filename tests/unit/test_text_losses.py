@@ -42,3 +42,62 @@ def test_losses_against_direct_formulas():
     loss_img = sum(-(torch.log_softmax(s * i[b] @ n.t(), 0)[b * 3:(b + 1) * 3]).mean() for b in range(5)) / 5
     loss_txt = sum(F.cross_entropy((s * n[r] @ i.t())[None], torch.tensor([r // 3])) for r in range(15)) / 15
     assert multi_label_loss(img, nouns, s).item() == pytest.approx(0.5 * (loss_img + loss_txt).item(), rel=1e-5)
+
+
+def test_group_level_multi_label_scores_each_noun_by_its_best_group():
+    gen = torch.Generator().manual_seed(0)
+    nouns = F.normalize(torch.randn(4, 2, 16, generator=gen), dim=-1)  # 4 images, 2 nouns each
+    scale = torch.tensor(10.0)
+    # one group: the same loss as the image-level one
+    pooled = torch.randn(4, 16, generator=gen)
+    assert multi_label_loss(pooled[:, None], nouns, scale) == pytest.approx(float(multi_label_loss(pooled, nouns, scale)))
+    # each of an image's two groups is one of its nouns: every noun has a group that matches it exactly
+    split = torch.cat([nouns, torch.randn(4, 3, 16, generator=gen) * 1e-3], dim=1)  # + 3 near-empty groups
+    own = multi_label_loss(split, nouns, scale)
+    # the same information averaged into one embedding (what the image-level loss sees) scores worse per group
+    assert own < multi_label_loss(nouns.mean(dim=1)[:, None], nouns, scale)
+    # the groups of another image: every noun's best group belongs to the wrong image
+    assert own < multi_label_loss(split.roll(1, dims=0), nouns, scale)
+    # gradients reach only each image's best-matching groups for the nouns (and the noun side)
+    groups = split.clone().requires_grad_()
+    multi_label_loss(groups, nouns, scale).backward()
+    assert groups.grad[:, :2].abs().sum() > 0
+
+
+def test_prompts_left_out_of_the_multi_label_loss_change_nothing():
+    gen = torch.Generator().manual_seed(1)
+    groups, nouns = torch.randn(3, 4, 16, generator=gen), torch.randn(3, 2, 16, generator=gen)
+    scale = torch.tensor(10.0)
+    every = torch.ones(3, 2, dtype=torch.bool)
+    assert multi_label_loss(groups, nouns, scale, valid=every) == pytest.approx(float(multi_label_loss(groups, nouns, scale)))
+    valid = every.clone()
+    valid[1, 1] = False  # image 1's second prompt (a caption standing in for a noun) takes no part
+    before = multi_label_loss(groups, nouns, scale, valid=valid)
+    moved = nouns.clone()
+    moved[1, 1] = torch.randn(16, generator=gen) * 5
+    assert multi_label_loss(groups, moved, scale, valid=valid) == pytest.approx(float(before))
+    assert multi_label_loss(groups, moved, scale) != pytest.approx(float(multi_label_loss(groups, nouns, scale)))
+
+
+def test_the_model_leaves_caption_fillers_out_of_the_group_loss():
+    from pgseg.config import load_config
+    from pgseg.model import PGSeg
+
+    config = load_config("tiny", ["loss.multi_label=2", "loss.group_nouns_weight=1.0", "npr.enabled=false",
+                                  "npr.i_npr=false", "npr.t_npr=false", "npr.hrs=false"])
+    model = PGSeg.from_config(config).eval()  # eval: no Gumbel noise, BatchNorm fixed: two calls agree
+    captions = ["a red circle on the grass", "a square"]
+    tokens = tokenize(captions, context_length=16)
+    nouns = tokenize(["a photo of a circle.", "a photo of a grass.", "a photo of a square.", "a square"],
+                     context_length=16).reshape(2, 2, 16)  # the second image's second prompt is its caption
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        term = model(images, tokens, nouns).terms["group_nouns"]
+        groups = model.encode_image(images).groups
+        prompts = model.encode_text(nouns.reshape(4, 16)).x.reshape(2, 2, -1)
+        scale = model._clamped(model.multi_label_logit_scale)
+        expected = torch.tensor([[True, True], [True, False]])
+        assert term == pytest.approx(float(multi_label_loss(groups, prompts, scale, valid=expected)), rel=1e-5)
+        assert term != pytest.approx(float(multi_label_loss(groups, prompts, scale)), rel=1e-5)
+    with pytest.raises(Exception, match="needs noun prompts"):
+        load_config("tiny", ["loss.group_nouns_weight=1.0"])
