@@ -68,6 +68,9 @@ def main() -> None:
     from pipelines.data.shapes_world import ShapesWorld, write_voc_val
 
     torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
     world_spec, train_spec = quickstart_parts()
     world_fields = {**world_spec["world"], **{k: _value(v) for k, v in (kv.split("=", 1) for kv in args.world)}}
     world = ShapesWorld(**world_fields)
@@ -138,9 +141,8 @@ def main() -> None:
 
         Path(args.model_out).mkdir(parents=True, exist_ok=True)
         save_model(trainer.model, config, str(Path(args.model_out) / f"{args.name}_seed{args.seed}.safetensors"))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     record = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.learner", *sys.argv[1:]]),
-              "commit": commit, "date": str(date.today()), "machine": f"{os.cpu_count()} cores, {args.threads} thread(s)",
+              "commit": commit, "dirty": dirty, "noun_vocabulary": "world", "date": str(date.today()), "machine": f"{os.cpu_count()} cores, {args.threads} thread(s)",
               "name": args.name, "seed": args.seed, "world": world_fields, "overrides": overrides,
               "images": images, "steps": total, "prepare_s": round(prepare_s, 1), "train_s": round(train_s, 1),
               "val": final, "val_images": args.val, "curve": curve}

@@ -63,7 +63,44 @@ def _quickstart() -> str:
             f"{per_class} | {minutes} min {seconds} s (+ {q['install_s']} s install) |")
 
 
-RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check, "quickstart": _quickstart}
+def _changes(record: dict) -> str:
+    """What a learner-study run changed against the quickstart (its world fields and config overrides)."""
+    from benchmarks.learner import quickstart_parts
+
+    world = quickstart_parts()[0]["world"]
+    parts = [f"world.{k}={v}" for k, v in record["world"].items() if world.get(k) != v]
+    if record.get("noun_vocabulary") == "built-in":  # the first runs: nouns from the built-in word list
+        parts.append("nouns: built-in list")
+    words = record["command"].split()
+    if "--set" in words:  # the overrides given on the command line, up to the next option
+        rest = words[words.index("--set") + 1:]
+        parts += rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]
+    return ", ".join(f"`{p}`" for p in parts) or "the quickstart's"
+
+
+def _learner() -> str:
+    records = [json.loads(p.read_text()) for p in sorted((RESULTS / "learner").glob("*.json"))]
+    by_name: dict[str, list[dict]] = {}
+    for r in records:
+        by_name.setdefault(r["name"], []).append(r)
+    lines = ["| run | changed | seeds | final val mIoU | final val oracle-group mIoU | steps | train time |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in by_name.items():
+        runs.sort(key=lambda r: r["seed"])
+        miou = ", ".join(f"{100 * r['val']['miou']:.1f}" for r in runs)
+        oracle = ", ".join(f"{100 * r['val']['oracle_miou']:.1f}" for r in runs)
+        seconds = ", ".join(f"{r['train_s'] / 60:.0f} min" for r in runs)
+        lines.append(f"| {name} | {_changes(runs[0])} | {', '.join(str(r['seed']) for r in runs)} | {miou} | "
+                     f"{oracle} | {runs[0]['steps']} | {seconds} |")
+    first = records[0] if records else {}
+    lines.append("")
+    lines.append(f"Measured by `python -m benchmarks.learner NAME ...` ({len(records)} runs, `results/learner/`; "
+                 f"{first.get('machine', '')}, two runs at a time), val = the quickstart's 200 val images.")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check, "quickstart": _quickstart,
+                                           "learner": _learner}
 BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
 
 
