@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -22,6 +23,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "experiments" / "quickstart.yaml"
+BG_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 
 
 def _value(text: str):
@@ -38,9 +40,44 @@ def quickstart_parts() -> tuple[dict, dict]:
     return raw["sources"]["shapes"], raw["train"]
 
 
+def rescore(records: Path, models: Path) -> None:
+    """``--rescore``: the saved final model of every record in ``records`` scored again on its world's val set at
+    each of BG_THRESHOLDS (the protocol's background threshold is the dataset's setting, not the model's); the
+    figures are added to the record with the command that measured them."""
+    import torch
+
+    from pgseg.checkpoint import load_model
+    from pgseg.datasets import voc
+    from pgseg.evaluate import confusion_in_process
+    from pgseg.segment import ProtocolSettings, background_threshold
+    from pipelines.data.shapes_world import ShapesWorld, write_voc_val
+
+    torch.set_num_threads(1)
+    command = " ".join([Path(sys.executable).name, "-m", "benchmarks.learner", *sys.argv[1:]])
+    for path in sorted(records.glob("*_seed*.json")):
+        record = json.loads(path.read_text())
+        model_file = models / f"{record['name']}_seed{record['seed']}.safetensors"
+        if "miou_by_bg_thresh" in record["val"] or not model_file.is_file():
+            continue
+        model, config = load_model(model_file)
+        val = voc(write_voc_val(ShapesWorld(**record["world"]), Path(tempfile.mkdtemp()) / "val",
+                                record["val_images"], "val"))
+        settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval, val.bg_thresh))
+        with torch.no_grad():
+            record["val"]["miou_by_bg_thresh"] = {
+                str(t): confusion_in_process(model, val, replace(settings, bg_thresh=t)).scores().miou
+                for t in BG_THRESHOLDS}
+        record["rescored_by"] = command
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        print(path.name, {k: round(100 * v, 1) for k, v in record["val"]["miou_by_bg_thresh"].items()}, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name")
+    parser.add_argument("name", nargs="?", default=None)
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the saved final models of the records in --out again at several background "
+                             "thresholds (needs --model-out)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE (after the quickstart's)")
     parser.add_argument("--world", nargs="*", default=[], help="shapes-world fields KEY=VALUE")
     parser.add_argument("--seed", type=int, default=0, help="train.seed and data.seed")
@@ -53,6 +90,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "results" / "learner"))
     parser.add_argument("--model-out", default=None, metavar="DIR", help="also save the final model file here")
     args = parser.parse_args()
+    if args.rescore:
+        if not args.model_out:
+            parser.error("--rescore needs --model-out (where the final models were saved)")
+        return rescore(Path(args.out), Path(args.model_out))
+    if args.name is None:
+        parser.error("give the run's NAME")
 
     import numpy as np
     import pandas as pd
@@ -136,6 +179,10 @@ def main() -> None:
                 print(json.dumps(point), flush=True)
     train_s = time.perf_counter() - start
     final = score(val)
+    trainer.model.eval()
+    with torch.no_grad():  # the protocol's background threshold is the dataset's setting: the final model at several
+        final["miou_by_bg_thresh"] = {str(t): confusion_in_process(trainer.model, val, replace(settings, bg_thresh=t))
+                                      .scores().miou for t in BG_THRESHOLDS}
     if args.model_out:
         from pgseg.checkpoint import save_model
 

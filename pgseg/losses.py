@@ -28,14 +28,17 @@ def _similarity(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def multi_label_loss(image: torch.Tensor, nouns: torch.Tensor, scale: torch.Tensor,
-                     world: Collectives = SINGLE, valid: torch.Tensor | None = None) -> torch.Tensor:
+                     world: Collectives = SINGLE, ids: torch.Tensor | None = None) -> torch.Tensor:
     """GroupViT's multi-label contrastive loss: image [B, D] against its K noun prompts nouns [B, K, D].
 
     Image → all noun prompts of the global batch, target spread evenly over its own K; each noun prompt → all
     images, target its own image. With image [B, G, D] (the image's groups), an image scores a noun prompt by its
     best-matching group (multiple-instance: each noun of the caption must be carried by some group, and no group
-    may carry a noun of another image's caption). ``valid`` [B, K] bool: the prompts that take part (the others,
-    e.g. a caption standing in for a missing noun, are neither targets nor candidates).
+    may carry a noun of another image's caption).
+
+    ``ids`` [B, K] (noun ids, ``pgseg.text.FILLER`` = -1 for a prompt that is not a noun): prompts of one noun are
+    one concept, so an image's target is every prompt in the batch of a noun its caption has, and a prompt's
+    target every image whose caption has its noun (GroupViT counts those as negatives); fillers take no part.
     """
     gather, rank = world.gather, world.rank
     b, k, _ = nouns.shape
@@ -43,25 +46,31 @@ def multi_label_loss(image: torch.Tensor, nouns: torch.Tensor, scale: torch.Tens
     nouns = F.normalize(nouns, dim=-1).reshape(b * k, -1)  # [B·K, D]
     all_nouns, all_images = gather(nouns), gather(image)  # [W·B·K, D], [W·B, (G,) D]
     own = torch.arange(b, device=image.device) + rank * b  # global index of each local image
-    cols = (own[:, None] * k + torch.arange(k, device=image.device)).reshape(b, k)
     logits_img = scale * _similarity(image, all_nouns)  # [B, W·B·K]
-    if valid is None:
+    logits_text = scale * _similarity(all_images, nouns).t()  # [B·K, W·B]
+    if ids is None:
+        cols = (own[:, None] * k + torch.arange(k, device=image.device)).reshape(b, k)
         target_img = torch.zeros_like(logits_img).scatter_(1, cols, 1.0 / k)
         loss_img = torch.sum(-target_img * F.log_softmax(logits_img, dim=-1), dim=-1).mean()
-        loss_text = F.cross_entropy(scale * _similarity(all_images, nouns).t(), own.repeat_interleave(k))
-        return 0.5 * (loss_img + loss_text)
-    valid = valid.reshape(b, k)
-    all_valid = gather(valid.float()).reshape(-1) > 0.5  # [W·B·K]
-    logits_img = logits_img.masked_fill(~all_valid[None], float("-inf"))
-    counts = valid.sum(dim=1)  # [B]
-    target_img = torch.zeros_like(logits_img).scatter_(1, cols, valid.float() / counts.clamp(min=1)[:, None])
-    log_probs = F.log_softmax(logits_img, dim=-1).masked_fill(~all_valid[None], 0.0)
+        return 0.5 * (loss_img + F.cross_entropy(logits_text, own.repeat_interleave(k)))
+    ids = ids.reshape(b, k)
+    all_ids = gather(ids)  # [W·B, K]
+    flat = all_ids.reshape(-1)  # [W·B·K]
+    nouns_in = flat >= 0  # fillers are no candidates
+    # image i → prompt j: j's noun is one of i's nouns
+    pos_img = ((flat[None, None, :] == ids[:, :, None]) & (ids[:, :, None] >= 0)).any(dim=1) & nouns_in[None]
+    # own prompt p → image m: m's caption has p's noun
+    mine = ids.reshape(-1)  # [B·K]
+    pos_text = (all_ids[None, :, :] == mine[:, None, None]).any(dim=-1) & (mine[:, None] >= 0)  # [B·K, W·B]
+    return 0.5 * (_soft_targets(logits_img.masked_fill(~nouns_in[None], float("-inf")), pos_img)
+                  + _soft_targets(logits_text, pos_text))
+
+
+def _soft_targets(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row's softmax against the uniform distribution over its positives, averaged over the
+    rows that have one (0 when none has)."""
+    counts = positives.sum(dim=1)
     rows = counts > 0
-    zero = logits_img.new_zeros(())
-    loss_img = torch.where(rows.any(), (-(target_img * log_probs).sum(-1) * rows).sum() / rows.sum().clamp(min=1),
-                           zero)
-    mine = valid.reshape(-1)
-    per_noun = F.cross_entropy(scale * _similarity(all_images, nouns).t(), own.repeat_interleave(k),
-                               reduction="none")
-    loss_text = torch.where(mine.any(), (per_noun * mine).sum() / mine.sum().clamp(min=1), zero)
-    return 0.5 * (loss_img + loss_text)
+    log_probs = F.log_softmax(logits, dim=-1).masked_fill(~positives, 0.0)
+    per_row = -(log_probs.sum(dim=1) / counts.clamp(min=1))
+    return torch.where(rows.any(), (per_row * rows).sum() / rows.sum().clamp(min=1), logits.new_zeros(()))

@@ -117,9 +117,10 @@ class PGSeg(nn.Module):
         return step >= self.npr.start_step and epoch >= self.npr.start_epoch
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, noun_tokens: torch.Tensor | None = None, *,
-                step: int = 0, epoch: int = 0) -> TrainOutput:
-        """The training forward: images [B, 3, H, W], caption tokens [B, L], optional noun prompts [B, K, L], at
-        training ``step`` of ``epoch`` (NPR may start later). The losses run over the global batch of ``self.world``.
+                noun_ids: torch.Tensor | None = None, step: int = 0, epoch: int = 0) -> TrainOutput:
+        """The training forward: images [B, 3, H, W], caption tokens [B, L], optional noun prompts [B, K, L] and
+        their noun ids [B, K] (-1: the caption standing in for a noun; the group-level loss uses them), at training
+        ``step`` of ``epoch`` (NPR may start later). The losses run over the global batch of ``self.world``.
         """
         npr, world = self.npr, self.world
         text = self.encode_text(tokens, mean=world.mean)
@@ -136,9 +137,12 @@ class PGSeg(nn.Module):
             terms["multi_label"] = self.loss_cfg.multi_label_weight * multi_label_loss(image.x, nouns, scale, world)
             if group_nouns:  # the groups themselves, as segmentation will name them: nouns only (a caption that
                 # stands in for a missing noun names the whole image, which no one group should carry)
-                nouns_only = (noun_tokens != tokens[:, None, :noun_tokens.shape[-1]]).any(dim=-1)  # [B, K]
+                if noun_ids is None:  # no ids: every prompt its own noun, but for the caption standing in
+                    caption = (noun_tokens == tokens[:, None, :noun_tokens.shape[-1]]).all(dim=-1)  # [B, K]
+                    noun_ids = torch.arange(b * k, device=caption.device).reshape(b, k) + world.rank * b * k
+                    noun_ids = noun_ids.masked_fill(caption, -1)
                 terms["group_nouns"] = self.loss_cfg.group_nouns_weight * multi_label_loss(
-                    image.groups, nouns, scale, world, valid=nouns_only)
+                    image.groups, nouns, scale, world, ids=noun_ids)
         stages = image.out.stages
         prototypes = {f"stage{s}": st.prototypes for s, st in enumerate(stages) if st.prototypes is not None}
         if text.prototypes is not None:

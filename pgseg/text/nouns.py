@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -47,11 +48,26 @@ class NounVocabulary:
         return found
 
 
+FILLER = -1  # the noun id of a prompt that is the caption itself (a caption with fewer than K nouns)
+
+
+def noun_id(noun: str) -> int:
+    """A noun's id, the same in every process (CRC-32 of the word): prompts of one noun in different captions and
+    templates share it."""
+    return zlib.crc32(noun.encode("utf-8")) & 0x7FFFFFFF
+
+
 def noun_prompts(caption: str, vocabulary: NounVocabulary, k: int, templates: Sequence[str],
                  rng: random.Random) -> list[str]:
     """K prompts for a caption: up to K of its nouns (a random choice) in random templates; when it has fewer
     than K nouns, the caption itself fills the remaining places."""
+    return [prompt for prompt, _ in noun_prompt_ids(caption, vocabulary, k, templates, rng)]
+
+
+def noun_prompt_ids(caption: str, vocabulary: NounVocabulary, k: int, templates: Sequence[str],
+                    rng: random.Random) -> list[tuple[str, int]]:
+    """The K prompts of :func:`noun_prompts` with each one's noun id (``FILLER`` for the caption itself)."""
     nouns = vocabulary.nouns_in(caption)
     chosen = rng.sample(nouns, min(k, len(nouns)))
-    prompts = [rng.choice(templates).format(n) for n in chosen]
-    return prompts + [caption] * (k - len(prompts))
+    prompts = [(rng.choice(templates).format(n), noun_id(n)) for n in chosen]
+    return prompts + [(caption, FILLER)] * (k - len(prompts))

@@ -45,7 +45,8 @@ class StepResult:
 
 
 class TrainStep:
-    """Build once per rank; call once per batch (``{"image": [B,3,S,S], "tokens": [B,L], "nouns": [B,K,L]?}``).
+    """Build once per rank; call once per batch (``{"image": [B,3,S,S], "tokens": [B,L], "nouns": [B,K,L]?,
+    "noun_ids": [B,K]?}``).
 
     ``world``: this rank's collectives (the losses' global batch, the prototype EMA); ``wrap``: the DDP wrapper of a
     multi-process run; ``init``: load ``train.init_from`` (off when a checkpoint is restored instead).
@@ -96,8 +97,8 @@ class TrainStep:
         self.net.train()
         self.scheduler.step_update(step)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            out = self.net(batch["image"], batch["tokens"], batch.get("nouns"), step=step,
-                           epoch=step // self.steps_per_epoch)
+            out = self.net(batch["image"], batch["tokens"], batch.get("nouns"), noun_ids=batch.get("noun_ids"),
+                           step=step, epoch=step // self.steps_per_epoch)
         loss = out.loss * float("nan") if poison else out.loss
         self.scaler.scale(loss).backward()
         t1 = time.perf_counter()

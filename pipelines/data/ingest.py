@@ -28,7 +28,7 @@ import torchvision.transforms.v2.functional as TF
 
 from ray.data.datasource import FileBasedDatasource
 
-from pgseg.text import IMAGENET_TEMPLATES, NounVocabulary, noun_prompts, tokenize
+from pgseg.text import IMAGENET_TEMPLATES, NounVocabulary, noun_prompt_ids, tokenize
 from pipelines.data.download import MANIFEST, read_manifest
 from pipelines.data.tar_reader import DAMAGED_TAR, IMAGE_KEYS, REPEATED_KEY, TEXT_KEYS, tar_samples
 
@@ -178,12 +178,15 @@ class Preprocess:
     def _image(self, data: bytes) -> np.ndarray:
         return preprocess_image(data, self.img_size, self.min_scale, self.train, self.rng)
 
-    def _nouns(self, captions: list[str], rng: random.Random) -> np.ndarray:
+    def _nouns(self, captions: list[str], rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+        """K noun prompts per caption as tokens [B, K, L], and each prompt's noun id [B, K] (-1: the caption)."""
         if self.vocabulary is None:
             self.vocabulary = NounVocabulary.from_file(self.noun_vocabulary)
-        prompts = [p for c in captions for p in noun_prompts(c, self.vocabulary, self.multi_label,
-                                                             IMAGENET_TEMPLATES, rng)]
-        return tokenize(prompts, self.context_length).numpy().reshape(len(captions), self.multi_label, -1)
+        pairs = [p for c in captions for p in noun_prompt_ids(c, self.vocabulary, self.multi_label,
+                                                              IMAGENET_TEMPLATES, rng)]
+        tokens = tokenize([p for p, _ in pairs], self.context_length).numpy()
+        ids = np.array([i for _, i in pairs], np.int64).reshape(len(captions), self.multi_label)
+        return tokens.reshape(len(captions), self.multi_label, -1), ids
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         if self.seed is not None:  # reproducible: the stream follows the batch's own keys, not the task
@@ -220,7 +223,11 @@ class Preprocess:
         }
         if self.multi_label > 0:
             rng = random.Random(int(self.rng.integers(2**63)))
-            out["nouns"] = self._nouns(captions, rng) if captions else np.zeros((0, self.multi_label, length), np.int64)
+            if captions:
+                out["nouns"], out["noun_ids"] = self._nouns(captions, rng)
+            else:
+                out["nouns"] = np.zeros((0, self.multi_label, length), np.int64)
+                out["noun_ids"] = np.zeros((0, self.multi_label), np.int64)
         return out
 
 

@@ -138,6 +138,17 @@ def test_noun_prompts_for_the_multi_label_loss_and_seeded_augmentation(ray_local
     # every shapes-world caption names a shape: its prompts carry that noun's tokens, not just the caption again
     shape_tokens = {int(tokenize([n], 16)[0, 1]) for n in shapes_data["world"].classes}
     assert all(shape_tokens & set(row.ravel().tolist()) for row in a["nouns"])
+    # each prompt's noun id: a shape's id where the prompt names it, -1 where the caption stands in for a noun
+    from pgseg.text import noun_id
+
+    ids = {noun_id(n): n for n in shapes_data["world"].classes}
+    assert a["noun_ids"].shape == (64, 2) and set(a["noun_ids"].ravel().tolist()) <= {*ids, -1}
+    caption_rows = a["tokens"][:, None, :].repeat(2, axis=1)
+    assert ((a["noun_ids"] == -1) == (a["nouns"] == caption_rows).all(axis=-1)).all()
+    for row_ids, row_tokens in zip(a["noun_ids"], a["nouns"]):
+        for i, toks in zip(row_ids, row_tokens):
+            if i != -1:
+                assert int(tokenize([ids[int(i)]], 16)[0, 1]) in toks.tolist()
     # deterministic: the same crops and prompts on a second read
     assert (a["image"] == b["image"]).all() and (a["nouns"] == b["nouns"]).all()
 

@@ -68,15 +68,32 @@ def test_prompts_left_out_of_the_multi_label_loss_change_nothing():
     gen = torch.Generator().manual_seed(1)
     groups, nouns = torch.randn(3, 4, 16, generator=gen), torch.randn(3, 2, 16, generator=gen)
     scale = torch.tensor(10.0)
-    every = torch.ones(3, 2, dtype=torch.bool)
-    assert multi_label_loss(groups, nouns, scale, valid=every) == pytest.approx(float(multi_label_loss(groups, nouns, scale)))
-    valid = every.clone()
-    valid[1, 1] = False  # image 1's second prompt (a caption standing in for a noun) takes no part
-    before = multi_label_loss(groups, nouns, scale, valid=valid)
+    distinct = torch.arange(6).reshape(3, 2)  # every prompt its own noun: GroupViT's loss
+    assert multi_label_loss(groups, nouns, scale, ids=distinct) == pytest.approx(float(multi_label_loss(groups, nouns, scale)))
+    ids = distinct.clone()
+    ids[1, 1] = -1  # image 1's second prompt (its caption, standing in for a noun) takes no part
+    before = multi_label_loss(groups, nouns, scale, ids=ids)
     moved = nouns.clone()
     moved[1, 1] = torch.randn(16, generator=gen) * 5
-    assert multi_label_loss(groups, moved, scale, valid=valid) == pytest.approx(float(before))
+    assert multi_label_loss(groups, moved, scale, ids=ids) == pytest.approx(float(before))
     assert multi_label_loss(groups, moved, scale) != pytest.approx(float(multi_label_loss(groups, nouns, scale)))
+
+
+def test_prompts_of_one_noun_are_positives_not_negatives():
+    """Two images with a circle, each caption's circle prompt in its own template: with noun ids both prompts are
+    the circle for both images, so swapping them changes nothing; GroupViT's loss holds each image to its own
+    prompt and counts the other image's circle prompt against it."""
+    gen = torch.Generator().manual_seed(2)
+    groups = torch.randn(2, 3, 16, generator=gen)
+    circle_a, circle_b, square, star = torch.randn(4, 16, generator=gen)
+    nouns = torch.stack([torch.stack([circle_a, square]), torch.stack([circle_b, star])])  # [2, 2, 16]
+    swapped = torch.stack([torch.stack([circle_b, square]), torch.stack([circle_a, star])])
+    ids = torch.tensor([[7, 8], [7, 9]])  # circle, square | circle, star
+    scale = torch.tensor(10.0)
+    assert multi_label_loss(groups, swapped, scale, ids=ids) == pytest.approx(
+        float(multi_label_loss(groups, nouns, scale, ids=ids)), rel=1e-6)
+    assert multi_label_loss(groups, swapped, scale) != pytest.approx(float(multi_label_loss(groups, nouns, scale)),
+                                                                     rel=1e-3)
 
 
 def test_the_model_leaves_caption_fillers_out_of_the_group_loss():
@@ -92,12 +109,15 @@ def test_the_model_leaves_caption_fillers_out_of_the_group_loss():
                      context_length=16).reshape(2, 2, 16)  # the second image's second prompt is its caption
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        term = model(images, tokens, nouns).terms["group_nouns"]
         groups = model.encode_image(images).groups
         prompts = model.encode_text(nouns.reshape(4, 16)).x.reshape(2, 2, -1)
         scale = model._clamped(model.multi_label_logit_scale)
-        expected = torch.tensor([[True, True], [True, False]])
-        assert term == pytest.approx(float(multi_label_loss(groups, prompts, scale, valid=expected)), rel=1e-5)
-        assert term != pytest.approx(float(multi_label_loss(groups, prompts, scale)), rel=1e-5)
+        expected = torch.tensor([[0, 1], [2, -1]])
+        without_ids = model(images, tokens, nouns).terms["group_nouns"]  # fillers found by their tokens
+        assert without_ids == pytest.approx(float(multi_label_loss(groups, prompts, scale, ids=expected)), rel=1e-5)
+        assert without_ids != pytest.approx(float(multi_label_loss(groups, prompts, scale)), rel=1e-5)
+        given = torch.tensor([[5, 6], [5, -1]])  # as the ingest gives them: the second image's noun is the first's
+        with_ids = model(images, tokens, nouns, noun_ids=given).terms["group_nouns"]
+        assert with_ids == pytest.approx(float(multi_label_loss(groups, prompts, scale, ids=given)), rel=1e-5)
     with pytest.raises(Exception, match="needs noun prompts"):
         load_config("tiny", ["loss.group_nouns_weight=1.0"])
