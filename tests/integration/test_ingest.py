@@ -139,9 +139,9 @@ def test_noun_prompts_for_the_multi_label_loss_and_seeded_augmentation(ray_local
     shape_tokens = {int(tokenize([n], 16)[0, 1]) for n in shapes_data["world"].classes}
     assert all(shape_tokens & set(row.ravel().tolist()) for row in a["nouns"])
     # each prompt's noun id: a shape's id where the prompt names it, -1 where the caption stands in for a noun
-    from pgseg.text import noun_id
+    from pgseg.text import NounVocabulary, noun_id
 
-    ids = {noun_id(n): n for n in shapes_data["world"].classes}
+    ids = {noun_id(n): n for n in NounVocabulary.from_file().nouns}  # the built-in vocabulary (no file given)
     assert a["noun_ids"].shape == (64, 2) and set(a["noun_ids"].ravel().tolist()) <= {*ids, -1}
     caption_rows = a["tokens"][:, None, :].repeat(2, axis=1)
     assert ((a["noun_ids"] == -1) == (a["nouns"] == caption_rows).all(axis=-1)).all()
