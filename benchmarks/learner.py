@@ -189,7 +189,7 @@ def main() -> None:
         Path(args.model_out).mkdir(parents=True, exist_ok=True)
         save_model(trainer.model, config, str(Path(args.model_out) / f"{args.name}_seed{args.seed}.safetensors"))
     record = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.learner", *sys.argv[1:]]),
-              "commit": commit, "dirty": dirty, "noun_vocabulary": "world", "date": str(date.today()), "machine": f"{os.cpu_count()} cores, {args.threads} thread(s)",
+              "commit": commit, "dirty": dirty, "noun_vocabulary": "world", "noun_ids": True, "date": str(date.today()), "machine": f"{os.cpu_count()} cores, {args.threads} thread(s)",
               "name": args.name, "seed": args.seed, "world": world_fields, "overrides": overrides,
               "images": images, "steps": total, "prepare_s": round(prepare_s, 1), "train_s": round(train_s, 1),
               "val": final, "val_images": args.val, "curve": curve}

@@ -75,6 +75,8 @@ def _changes(record: dict) -> str:
     if "--set" in words:  # the overrides given on the command line, up to the next option
         rest = words[words.index("--set") + 1:]
         parts += rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]
+    if record.get("noun_ids") and any(p.startswith("loss.group_nouns_weight") for p in parts):
+        parts.append("group loss with noun ids")  # one noun's prompts are positives (from commit cd2bba1)
     return ", ".join(f"`{p}`" for p in parts) or "the quickstart's"
 
 
@@ -83,19 +85,23 @@ def _learner() -> str:
     by_name: dict[str, list[dict]] = {}
     for r in records:
         by_name.setdefault(r["name"], []).append(r)
-    lines = ["| run | changed | seeds | final val mIoU | final val oracle-group mIoU | steps | train time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | changed | seeds | final val mIoU (bg 0.5) | at bg 0.95 | final val oracle-group mIoU | steps | "
+             "train time |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in by_name.items():
         runs.sort(key=lambda r: r["seed"])
         miou = ", ".join(f"{100 * r['val']['miou']:.1f}" for r in runs)
         oracle = ", ".join(f"{100 * r['val']['oracle_miou']:.1f}" for r in runs)
+        high = ", ".join(f"{100 * r['val']['miou_by_bg_thresh']['0.95']:.1f}" if "miou_by_bg_thresh" in r["val"]
+                         else "–" for r in runs)
         seconds = ", ".join(f"{r['train_s'] / 60:.0f} min" for r in runs)
         lines.append(f"| {name} | {_changes(runs[0])} | {', '.join(str(r['seed']) for r in runs)} | {miou} | "
-                     f"{oracle} | {runs[0]['steps']} | {seconds} |")
+                     f"{high} | {oracle} | {runs[0]['steps']} | {seconds} |")
     first = records[0] if records else {}
     lines.append("")
     lines.append(f"Measured by `python -m benchmarks.learner NAME ...` ({len(records)} runs, `results/learner/`; "
-                 f"{first.get('machine', '')}, two runs at a time), val = the quickstart's 200 val images.")
+                 f"{first.get('machine', '')}, two runs at a time), val = the quickstart's 200 val images; the final "
+                 f"model at the quickstart's background threshold (0.5) and at VOC's (0.95, `--rescore` for the "
+                 f"first runs).")
     return "\n".join(lines)
 
 
