@@ -116,8 +116,13 @@ def plot_metric(spec: SweepSpec, rows: list[TrialRow], key: str, path: Path) -> 
         ax.scatter([names.index(str(x)) for x in xs], ys)
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_xlabel(key)
+    return save_plot(spec, fig, ax, f"{spec.name}: {display_name(spec.metric)} (last value) by {key}", path)
+
+
+def save_plot(spec: SweepSpec, fig: Any, ax: Any, title: str, path: Path) -> Path:
+    """The sweep metric on the y axis, the title, a grid; written to ``path`` (PNG) and closed."""
     ax.set_ylabel(display_name(spec.metric) + (" (%)" if spec.metric.endswith("mIoU") else ""))
-    ax.set_title(f"{spec.name}: {display_name(spec.metric)} (last value) by {key}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from pipelines.tune.report import TrialRow, display_name, scaled  # noqa: E402
+from pipelines.tune.report import TrialRow, display_name, save_plot, scaled  # noqa: E402
 from pipelines.tune.spec import SEED, SweepSpec, trial_label  # noqa: E402
 
 LEVEL = 0.95
@@ -105,11 +105,4 @@ def plot_statistics(spec: SweepSpec, rows: list[TrialRow], table: list[dict[str,
             err = [[mean - low], [high - mean]] if isinstance(low, float) and math.isfinite(low) else None
             ax.errorbar([i], [mean], yerr=err, fmt="o", color="C0", capsize=6, zorder=3)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    ax.set_ylabel(display_name(spec.metric) + (" (%)" if spec.metric.endswith("mIoU") else ""))
-    ax.set_title(f"{spec.name}: mean and 95 % CI over seeds {spec.seeds}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_plot(spec, fig, ax, f"{spec.name}: mean and 95 % CI over seeds {spec.seeds}", path)
