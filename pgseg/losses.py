@@ -45,14 +45,10 @@ def multi_label_loss(image: torch.Tensor, nouns: torch.Tensor, scale: torch.Tens
     image = F.normalize(image, dim=-1)
     nouns = F.normalize(nouns, dim=-1).reshape(b * k, -1)  # [B·K, D]
     all_nouns, all_images = gather(nouns), gather(image)  # [W·B·K, D], [W·B, (G,) D]
-    own = torch.arange(b, device=image.device) + rank * b  # global index of each local image
     logits_img = scale * _similarity(image, all_nouns)  # [B, W·B·K]
     logits_text = scale * _similarity(all_images, nouns).t()  # [B·K, W·B]
-    if ids is None:
-        cols = (own[:, None] * k + torch.arange(k, device=image.device)).reshape(b, k)
-        target_img = torch.zeros_like(logits_img).scatter_(1, cols, 1.0 / k)
-        loss_img = torch.sum(-target_img * F.log_softmax(logits_img, dim=-1), dim=-1).mean()
-        return 0.5 * (loss_img + F.cross_entropy(logits_text, own.repeat_interleave(k)))
+    if ids is None:  # every prompt its own noun: GroupViT's loss
+        ids = (torch.arange(b * k, device=image.device) + rank * b * k).reshape(b, k)
     ids = ids.reshape(b, k)
     all_ids = gather(ids)  # [W·B, K]
     flat = all_ids.reshape(-1)  # [W·B·K]
