@@ -56,5 +56,16 @@ class Collectives:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.to(x.device)
 
+    @torch.no_grad()
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``x`` on every rank (a new tensor; ``x`` is untouched)."""
+        if self.world == 1:
+            return x
+        out = x.detach().clone()
+        if dist.get_backend() == "nccl" and not out.is_cuda:
+            out = out.cuda()
+        dist.broadcast(out, src=src)
+        return out.to(x.device)
+
 
 SINGLE = Collectives()

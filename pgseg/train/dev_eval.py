@@ -1,4 +1,4 @@
-"""Evaluation during training, by every rank: the zero-shot mIoU of a frozen copy of the model on each of
+"""Evaluation during training, by every rank: the zero-shot mIoU of a frozen copy of rank 0's model on each of
 ``eval.datasets``, each rank scoring its share of the images and the confusion counts summed over ranks (so no rank
 waits in a collective while another scores the whole set); when the first set's mIoU beats the best so far, the
 rank given a file writes that model to it."""
@@ -17,6 +17,19 @@ from ..evaluate import confusion_in_process
 from ..segment import ProtocolSettings, background_threshold
 
 
+def frozen_replica(model: torch.nn.Module, world: Collectives = SINGLE) -> torch.nn.Module:
+    """A copy of the training model in evaluation mode with rank 0's buffers, the same on every rank. DDP hands
+    rank 0's buffers (the BatchNorm statistics) to every rank at the start of each forward, so after a step each rank
+    holds the statistics of its own batch: scored as they are, each rank's share would be scored by another model
+    than the one rank 0 writes. The copy's own collectives are off (the world of one)."""
+    frozen = copy.deepcopy(model).eval()  # nothing of the training model changes (buffers included)
+    with torch.no_grad():
+        for buffer in frozen.buffers():
+            buffer.copy_(world.broadcast(buffer))
+    frozen.world = SINGLE
+    return frozen
+
+
 class DevEvaluation:
     def __init__(self, config: Config, best_path: str | None, world: Collectives = SINGLE):
         e = config.eval
@@ -26,8 +39,7 @@ class DevEvaluation:
 
     def __call__(self, model: torch.nn.Module, best: float) -> tuple[dict[str, float], float]:
         """(``eval/<set>/mIoU`` of each set and ``eval/best_mIoU``, the new best): the same on every rank."""
-        frozen = copy.deepcopy(model).eval()  # nothing of the training model changes (buffers included)
-        frozen.world = SINGLE  # the model's own collectives off: the only one is the sum of the counts
+        frozen = frozen_replica(model, self.world)
         out: dict[str, float] = {}
         with torch.no_grad():
             for i, (dataset, settings) in enumerate(zip(self.datasets, self.settings)):

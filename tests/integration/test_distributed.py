@@ -16,6 +16,7 @@ from pgseg.config import load_config
 from pgseg.losses import contrastive_loss
 from pgseg.model import PGSeg
 from pgseg.text import tokenize
+from pgseg.train.dev_eval import frozen_replica
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -72,7 +73,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model_loss = model(images[half], tokens[half]).loss
         model_loss.backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-        torch.save({"buffers": buffers, "local_means": local, "loss": loss.detach(),
+        # 4. the dev evaluation's copy of a model whose ranks ran a training forward on their own images (BatchNorm
+        # statistics of their own batch, as after DDP's last step)
+        torch.manual_seed(0)
+        model = PGSeg.from_config(load_config("tiny"), world).train()
+        torch.manual_seed(200 + rank)
+        model(torch.randn(4, 3, 64, 64), tokenize(["a star", "a circle", "a square", "two stars"], context_length=16))
+        own = {k: v.clone() for k, v in model.named_buffers()}
+        replica = frozen_replica(model, world)
+        scored = {k: v.clone() for k, v in replica.named_buffers()}
+        assert not replica.training and replica.world == D.SINGLE and model.training and model.world == world
+        torch.save({"own_buffers": own, "scored_buffers": scored,"buffers": buffers, "local_means": local, "loss": loss.detach(),
                     "img_grad": img.grad, "txt_grad": txt.grad, "model_loss": model_loss.detach(), "grads": grads},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -99,6 +110,17 @@ def test_prototype_ema_identical_across_ranks(results):
     key = "img_encoder.layers.0.downsample_spatial.mu"
     global_mean = (results[0]["local_means"]["stage0"] + results[1]["local_means"]["stage0"]) / 2
     torch.testing.assert_close(a[key], 0.9 * initial[key] + 0.1 * global_mean, atol=1e-6, rtol=1e-5)
+
+
+def test_every_rank_scores_rank0s_model_in_dev_evaluation(results):
+    own = [r["own_buffers"] for r in results]
+    scored = [r["scored_buffers"] for r in results]
+    differ = {k for k in own[0] if not torch.equal(own[0][k], own[1][k])}  # the images differ, the captions not
+    assert "img_projector.linear_hidden.1.running_mean" in differ and "text_projector.linear_hidden.1.running_mean" \
+        not in differ
+    assert own[0].keys() == scored[0].keys() == scored[1].keys()
+    for name in own[0]:
+        assert torch.equal(scored[0][name], own[0][name]) and torch.equal(scored[1][name], own[0][name]), name
 
 
 def test_itc_uses_the_global_batch(results):

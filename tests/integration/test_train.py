@@ -180,8 +180,9 @@ def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_
     dataset = open_dataset(f"voc:{dev}")
     settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval, dataset.bg_thresh))
     scores, _ = evaluate_in_process(load_model(plan.local_run_dir / BEST_MODEL_FILE)[0], dataset, settings)
-    # the same pixels up to float noise (the workers run other thread counts: a few near-ties fall the other way)
-    assert result.metrics[f"eval/{dataset.name}/mIoU"] == pytest.approx(scores.miou, abs=1e-3)
+    # every rank scored rank 0's model (its BatchNorm statistics too: after the last step each rank holds its own
+    # batch's), the one kept; the same pixels up to a near-tie falling the other way on another thread count
+    assert result.metrics[f"eval/{dataset.name}/mIoU"] == pytest.approx(scores.miou, abs=1e-4)
 
 
 def test_storage_on_a_cluster_of_several_nodes_must_be_shared():
