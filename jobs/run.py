@@ -1,6 +1,6 @@
 """``pgseg run EXPERIMENT.yaml`` / ``python -m jobs.run`` (for ``ray job submit``): the stages an experiment names —
-sources → download → train → evaluate — as one workflow; finished stages with unchanged inputs are skipped, a failed
-stage is redone by the next run. ``pgseg quickstart`` runs ``configs/experiments/quickstart.yaml``."""
+sources → download → train → evaluate → analyze — as one workflow; finished stages with unchanged inputs are
+skipped, a failed stage is redone by the next run. ``pgseg quickstart`` runs ``configs/experiments/quickstart.yaml``."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,8 @@ def quickstart(args: argparse.Namespace) -> int:
                 print(f"{name}: mIoU {100 * r['miou']:.2f} (all-background {100 * r['all_background_miou']:.2f}), "
                       f"evaluated before on {r['images']} images with {r['model']}")
         print(f"example overlays: {experiment.root / 'eval'}")
+    if any(o.stage == "analyze" and o.record for o in result.outcomes):
+        print(f"the groups apart from their names (pgseg analyze): {experiment.root / 'analyze'}")
     if uri.startswith("sqlite:///"):
         print(f"look at the runs:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} "
               f"--host 127.0.0.1 --workers 1   (then open http://127.0.0.1:5000)")

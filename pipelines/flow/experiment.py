@@ -1,4 +1,4 @@
-"""An experiment file, typed and checked: the stages it names (sources → download → train → evaluate), each a
+"""An experiment file, typed and checked: the stages it names (sources → download → train → evaluate → analyze), each a
 section of its own, and the training section with the workflow's wiring (shards, storage, tracking, the dev set)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pipelines.data.download import DownloadSpec
 from pipelines.data.shapes_world import ShapesWorld
 from pipelines.data.sources import SourceSpec
 
-STAGES = ("sources", "download", "train", "evaluate")
+STAGES = ("sources", "download", "train", "evaluate", "analyze")
 
 
 @dataclass
@@ -47,6 +47,18 @@ class EvaluateStage:
 
 
 @dataclass
+class AnalyzeStage:
+    """``pgseg analyze`` on the trained model (in the workflow's process, no Ray): oracle-group mIoU beside the
+    protocol's, the group embeddings' compactness and richness, parameters and FLOPs."""
+
+    datasets: list[str] = field(default_factory=lambda: ["shapes"])  # as evaluate.datasets
+    model: Literal["final", "best"] = "best"
+    max_images: int | None = None  # the first N images of each set (None: all)
+    image_size: int | None = None  # of the FLOP count (None: the training size)
+    bg_thresh: float | None = None
+
+
+@dataclass
 class WorkflowTracking:
     enabled: bool = True
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
@@ -65,6 +77,7 @@ class Experiment:
     download: DownloadSpec | None = None
     train: dict[str, Any] | None = None  # a training config (base: preset or path, then its keys)
     evaluate: EvaluateStage | None = None
+    analyze: AnalyzeStage | None = None
     source_dir: str = "."  # the experiment file's folder (relative paths in it start there)
 
     @property
@@ -111,6 +124,16 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
             raise ConfigError("evaluate.datasets: give at least one KIND:ROOT")
         if experiment.train is None:
             raise ConfigError("evaluate: needs a train stage to evaluate (or use `pgseg eval` on a model file)")
+    if experiment.analyze is not None:
+        a = experiment.analyze
+        if not a.datasets:
+            raise ConfigError("analyze.datasets: give at least one KIND:ROOT (or shapes)")
+        if experiment.train is None:
+            raise ConfigError("analyze: needs a train stage (or use `pgseg analyze` on a model file)")
+        if a.max_images is not None and a.max_images < 1:
+            raise ConfigError(f"analyze.max_images: must be >= 1, got {a.max_images}")
+        if a.image_size is not None and a.image_size < 1:
+            raise ConfigError(f"analyze.image_size: must be >= 1, got {a.image_size}")
     return experiment
 
 

@@ -1,13 +1,13 @@
 """Workflows: ``pgseg run EXPERIMENT.yaml`` chains the stages an experiment names — sources → download → train →
-evaluate — in that order, in one working folder.
+evaluate → analyze — in that order, in one working folder.
 
 Each finished stage writes its manifest (``pipelines.flow.manifest``). A stage is skipped when that manifest
 matches and its outputs are still there, and as long as no stage before it ran in this invocation; otherwise it
 runs, and so does every stage after it. A stage's manifest is removed before it starts, so a failed stage is redone
 by the next run (training continues from its latest checkpoint, a download keeps its finished shards; when the
 stage's inputs changed instead, its earlier folder is moved aside, kept, and the stage starts over). One MLflow run per
-workflow links the stages' runs: the training run is its child, the evaluation logs into the training run and its
-mIoU is copied onto the workflow run.
+workflow links the stages' runs: the training run is its child, the evaluation and the analysis log into the training
+run and their figures are copied onto the workflow run.
 """
 from __future__ import annotations
 

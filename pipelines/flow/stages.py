@@ -1,5 +1,6 @@
-"""The four stages of a workflow, each a function of the run's context returning its manifest record: sources
-(the shapes world or url lists), download (img2dataset into shards), train (Ray Train) and evaluate (Ray Data)."""
+"""The stages of a workflow, each a function of the run's context returning its manifest record: sources (the shapes
+world or url lists), download (img2dataset into shards), train (Ray Train), evaluate (Ray Data) and analyze (what
+the groups do apart from their names, in this process)."""
 from __future__ import annotations
 
 import json
@@ -152,20 +153,32 @@ def start_over_if_inputs_changed(ctx: Context, folder: Path | None, stage: str) 
     return fresh
 
 
-def stage_evaluate(ctx: Context) -> StageRecord:
-    section = ctx.experiment.evaluate
+def trained_model(ctx: Context, choice: str) -> str:
+    """The train stage's model file: ``best`` (by the dev set, when one was scored) or ``final``."""
     train = ctx.records["train"]
-    model = train.outputs.get("best_model") if section.model == "best" else None
-    model = model or train.outputs["model"]
-    e = ctx.train_config.eval
-    out = ctx.root / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    return (train.outputs.get("best_model") if choice == "best" else None) or train.outputs["model"]
+
+
+def stage_datasets(ctx: Context, specs: list[str]) -> list:
+    """The sets a stage scores, all opened (checked) before the first one runs: ``KIND:ROOT`` with ``{workdir}``
+    replaced, or ``shapes`` for the shapes world's val set."""
     datasets = []
-    for spec in section.datasets:
+    for spec in specs:
         spec = spec.replace("{workdir}", str(ctx.root))
         if spec == "shapes":
             spec = f"voc:{ctx.records['sources'].outputs['val']}"
-        datasets.append(open_dataset(spec))  # all checked before the first one runs
+        datasets.append(open_dataset(spec))
+    return datasets
+
+
+def stage_evaluate(ctx: Context) -> StageRecord:
+    section = ctx.experiment.evaluate
+    train = ctx.records["train"]
+    model = trained_model(ctx, section.model)
+    e = ctx.train_config.eval
+    out = ctx.root / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = stage_datasets(ctx, section.datasets)
     ctx.ray()
     results, metrics = {}, {}
     for dataset in datasets:
@@ -187,8 +200,37 @@ def stage_evaluate(ctx: Context) -> StageRecord:
                        train.run_id, metrics)
 
 
+def stage_analyze(ctx: Context) -> StageRecord:
+    from pgseg.analyze import analyze
+    from pgseg.checkpoint import load_model
+    from pipelines.tracking import log_analysis
+
+    section = ctx.experiment.analyze
+    train = ctx.records["train"]
+    path = trained_model(ctx, section.model)
+    datasets = stage_datasets(ctx, section.datasets)
+    model, config = load_model(path)
+    out = ctx.root / "analyze"
+    results, figures, metrics = [], {}, {}
+    for dataset in datasets:
+        settings = ProtocolSettings.of(config.eval, background_threshold(section.bg_thresh, config.eval,
+                                                                         dataset.bg_thresh))
+        result = analyze(model, dataset, settings, section.image_size or config.data.img_size, section.max_images)
+        ctx.printer(result.text())
+        ctx.printer(f"analyze: figures and pictures in {result.write(out)}")
+        results.append(result)
+        figures[dataset.name] = {**result.figures(), "model": path}
+        metrics.update(result.metrics())
+    if ctx.tracker and train.run_id:
+        log_analysis(results, ctx.tracker.uri, run_id=train.run_id)
+    atomic_write_json(out / "results.json", figures)
+    return StageRecord("analyze", "", file_digest(out / "results.json"), {"results": str(out / "results.json")}, 0.0,
+                       train.run_id, metrics)
+
+
 RUNNERS: dict[str, Callable[[Context], StageRecord]] = {
-    "sources": stage_sources, "download": stage_download, "train": stage_train, "evaluate": stage_evaluate}
+    "sources": stage_sources, "download": stage_download, "train": stage_train, "evaluate": stage_evaluate,
+    "analyze": stage_analyze}
 
 
 def stage_section(experiment: Experiment, stage: str, train_config: Config | None = None) -> Any:

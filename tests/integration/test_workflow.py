@@ -23,6 +23,7 @@ def _experiment(tmp_path: Path, uri: str | None) -> Path:
                   "train": {"workers": 1, "cpus_per_worker": 0.5, "checkpoint_every": 100, "nonfinite": "stop"},
                   "tracking": {"log_every": 4}, "eval": {"every_steps": 8, "oracle": True}},
         "evaluate": {"datasets": ["shapes"], "overlays": 2},
+        "analyze": {"datasets": ["shapes"], "model": "final"},
     }
     path = tmp_path / "wf.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -56,7 +57,7 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     monkeypatch.delenv("PGSEG_FAULT_INJECT")
     printed: list[str] = []
     second = run_workflow(experiment, printer=printed.append)
-    assert _statuses(second) == {"sources": "skipped", "download": "skipped", "train": "ran", "evaluate": "ran"}
+    assert _statuses(second) == {"sources": "skipped", "download": "skipped", "train": "ran", "evaluate": "ran", "analyze": "ran"}
     assert {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")} == shards_before
     results = json.loads((root / "eval" / "results.json").read_text())
     assert set(results) == {"val"} and results["val"]["images"] == 6
@@ -94,6 +95,18 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     assert "learning_curve.png" in {a.path for a in client.list_artifacts(train_id)}
     steps = [m.step for m in client.get_metric_history(train_id, "loss")]
     assert steps == sorted(set(steps)) and max(steps) == 16  # resumed, each step once
+    # the analysis of the final model: the oracle-group mIoU on val is that model's own, in a file and on the
+    # training run (figures, table, pictures)
+    val = voc(root / "shapes" / "val")
+    analysis = json.loads((root / "analyze" / "results.json").read_text())["val"]
+    val_settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval, val.bg_thresh))
+    assert analysis["oracle_miou"] == pytest.approx(oracle_confusion(final, val, val_settings).scores().miou)
+    assert (root / "analyze" / "val" / "groups.png").read_bytes()[:4] == b"\x89PNG"
+    train_run = client.get_run(train_id)
+    assert train_run.data.metrics["analyze/val/oracle_mIoU"] == pytest.approx(analysis["oracle_miou"])
+    assert wf.data.metrics["analyze/val/oracle_mIoU"] == pytest.approx(analysis["oracle_miou"])
+    assert {"analyze/val_analysis.json", "analyze/val_groups.png"} <= {
+        a.path for a in client.list_artifacts(train_id, "analyze")}
     # 3. a finished experiment run again: every stage skipped, nothing rewritten
     mtime = (root / "eval" / "results.json").stat().st_mtime_ns
     third = run_workflow(experiment, printer=lambda _: None)
@@ -101,7 +114,7 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     assert (root / "eval" / "results.json").stat().st_mtime_ns == mtime
     # 4. asked to redo evaluation: only evaluation runs
     fourth = run_workflow(experiment, redo=["evaluate"], printer=lambda _: None)
-    assert _statuses(fourth) == {"sources": "skipped", "download": "skipped", "train": "skipped", "evaluate": "ran"}
+    assert _statuses(fourth) == {"sources": "skipped", "download": "skipped", "train": "skipped", "evaluate": "ran", "analyze": "ran"}
     # 5. the download section changed (smaller images): download, train and evaluate run again; the training run
     #    starts over (the earlier one moved aside and kept, its MLflow run too) instead of continuing on other data
     from pipelines.digest import file_digest
@@ -109,7 +122,8 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     model = root / "runs" / "wf" / "model.safetensors"
     trained_before = file_digest(model)
     fifth = run_workflow(load_experiment(path, ["download.image_size=48"]), printer=lambda _: None)
-    assert _statuses(fifth) == {"sources": "skipped", "download": "ran", "train": "ran", "evaluate": "ran"}
+    assert _statuses(fifth) == {"sources": "skipped", "download": "ran", "train": "ran", "evaluate": "ran",
+                                "analyze": "ran"}
     assert {p.name for p in (root / "shards").glob("*.tar")} == set(shards_before)
     assert {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")} != shards_before
     aside = [p for p in (root / "runs").iterdir() if p.name.startswith("wf@")]
@@ -130,7 +144,7 @@ def test_a_changed_section_reruns_that_stage_and_the_ones_after(tmp_path):
     base = load_experiment(path)
     changed = load_experiment(path, ["evaluate.overlays=3"])
     same = [s for s in base.stages if stage_section(base, s) == stage_section(changed, s)]
-    assert same == ["sources", "download", "train"]
+    assert same == ["sources", "download", "train", "analyze"]  # (analyze runs again: a stage before it ran)
     changed = load_experiment(path, ["train.optim.lr=0.002"])
     assert [s for s in base.stages if stage_section(base, s) != stage_section(changed, s)] == ["train"]
 
@@ -140,6 +154,8 @@ def test_a_changed_section_reruns_that_stage_and_the_ones_after(tmp_path):
     ("download.foo=1", "download.foo: unknown key"),
     ("sources.shapes.world.num_classes=99", "sources.shapes.world: num_classes must be in [1, 8]"),
     ("evaluate.datasets=[]", "evaluate.datasets: give at least one"),
+    ("analyze.max_images=0", "analyze.max_images: must be >= 1, got 0"),
+    ("analyze.model=last", "analyze.model"),
     ("train.eval.datasets=[nocolon]", "train.eval.datasets[0]: expected KIND:ROOT"),
 ])
 def test_experiment_errors_name_the_key_before_anything_runs(tmp_path, override, message):
@@ -171,4 +187,4 @@ def test_ready_experiments_load():
     assert {"quickstart", "paper_cc12m", "paper_cc12m_redcaps", "official_groupvit_init"} <= set(names)
     for name in names:
         experiment = load_experiment(folder / f"{name}.yaml")
-        assert experiment.stages[-1] == "evaluate"
+        assert "evaluate" in experiment.stages
