@@ -124,6 +124,12 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
             raise ConfigError("evaluate.datasets: give at least one KIND:ROOT")
         if experiment.train is None:
             raise ConfigError("evaluate: needs a train stage to evaluate (or use `pgseg eval` on a model file)")
+    for stage in ("evaluate", "analyze"):
+        section = getattr(experiment, stage)
+        world = experiment.sources is not None and experiment.sources.shapes is not None
+        if section is not None and "shapes" in section.datasets and not world:
+            raise ConfigError(f"{stage}.datasets: 'shapes' is the generated world's val set, but the experiment has "
+                              f"no sources.shapes stage")
     if experiment.analyze is not None:
         a = experiment.analyze
         if not a.datasets:

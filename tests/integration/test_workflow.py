@@ -169,6 +169,19 @@ def test_experiment_errors_name_the_key_before_anything_runs(tmp_path, override,
     assert not (tmp_path / "wf").exists()
 
 
+def test_the_shapes_set_needs_the_shapes_world(tmp_path):
+    from pgseg.config import ConfigError
+    from pipelines.flow import load_experiment
+
+    path = tmp_path / "noworld.yaml"
+    for stage in ("evaluate", "analyze"):
+        path.write_text(yaml.safe_dump({"name": "x", "train": {"base": "tiny", "data": {"shards": [str(tmp_path)]}},
+                                        stage: {"datasets": ["shapes"]}}))
+        with pytest.raises(ConfigError, match=f"{stage}.datasets: 'shapes' is the generated world's val set, but the "
+                                              f"experiment has no sources.shapes stage"):
+            load_experiment(path)
+
+
 def test_cli_reports_a_bad_experiment_with_exit_2(tmp_path, capsys):
     from jobs.cli import main
 
