@@ -17,6 +17,14 @@ import torch.distributed.nn.functional as dist_nn
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
+def _sendable(x: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``x`` the process group's backend can send (NCCL sends device tensors only)."""
+    out = x.detach().clone()
+    if dist.get_backend() == "nccl" and not out.is_cuda:
+        out = out.cuda()
+    return out
+
+
 @dataclass(frozen=True)
 class Collectives:
     """This process's place in the world and the two collectives of a training step. ``Collectives()`` is a world
@@ -50,9 +58,7 @@ class Collectives:
         """The sum of ``x`` over ranks (a new tensor; ``x`` is untouched)."""
         if self.world == 1:
             return x
-        out = x.detach().clone()
-        if dist.get_backend() == "nccl" and not out.is_cuda:  # NCCL reduces device tensors only
-            out = out.cuda()
+        out = _sendable(x)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.to(x.device)
 
@@ -61,9 +67,7 @@ class Collectives:
         """Rank ``src``'s ``x`` on every rank (a new tensor; ``x`` is untouched)."""
         if self.world == 1:
             return x
-        out = x.detach().clone()
-        if dist.get_backend() == "nccl" and not out.is_cuda:
-            out = out.cuda()
+        out = _sendable(x)
         dist.broadcast(out, src=src)
         return out.to(x.device)
 
