@@ -270,6 +270,9 @@ class DataConfig:
 class EvalConfig:
     # held-out sets (KIND:ROOT) scored during training, each rank its share; the first one picks model_best
     datasets: list[str] = field(default_factory=list)
+    # scored once, on the final model (the last step), never used to pick a model: e.g. a val set, whose figure is
+    # then the final checkpoint's (``eval/<set>/mIoU`` in the last report)
+    final_datasets: list[str] = field(default_factory=list)
     oracle: bool = False  # also the oracle-group mIoU (eval/<set>/oracle_mIoU: grouping apart from naming)
     every_epochs: int = 1
     every_steps: int = 0  # > 0: score every this many steps instead of every_epochs
@@ -282,8 +285,9 @@ class EvalConfig:
     def validate(self, key: str) -> None:
         _require(self.every_epochs >= 0, f"{key}.every_epochs", "must be >= 0")
         _require(self.every_steps >= 0, f"{key}.every_steps", "must be >= 0")
-        for i, spec in enumerate(self.datasets):
-            _require(":" in spec, f"{key}.datasets[{i}]", f"expected KIND:ROOT, got {spec!r}")
+        for name in ("datasets", "final_datasets"):
+            for i, spec in enumerate(getattr(self, name)):
+                _require(":" in spec, f"{key}.{name}[{i}]", f"expected KIND:ROOT, got {spec!r}")
         _require(self.window > 0 and 0 < self.stride <= self.window, f"{key}.stride", "must be in (0, window]")
         _require(self.bg_thresh is None or 0 <= self.bg_thresh <= 1, f"{key}.bg_thresh", "must be in [0, 1]")
 

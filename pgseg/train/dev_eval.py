@@ -1,7 +1,7 @@
 """Evaluation during training, by every rank: the zero-shot mIoU of a frozen copy of rank 0's model on each of
-``eval.datasets``, each rank scoring its share of the images and the confusion counts summed over ranks (so no rank
-waits in a collective while another scores the whole set); when the first set's mIoU beats the best so far, the
-rank given a file writes that model to it."""
+``eval.datasets`` (and, at the last step only, of ``eval.final_datasets``), each rank scoring its share of the
+images and the confusion counts summed over ranks (so no rank waits in a collective while another scores the whole
+set); when the first set's mIoU beats the best so far, the rank given a file writes that model to it."""
 from __future__ import annotations
 
 import copy
@@ -35,14 +35,18 @@ class DevEvaluation:
         e = config.eval
         self.config, self.best_path, self.world = config, best_path, world
         self.datasets = [open_dataset(spec) for spec in e.datasets]
-        self.settings = [ProtocolSettings.of(e, background_threshold(None, e, d.bg_thresh)) for d in self.datasets]
+        self.final = [open_dataset(spec) for spec in e.final_datasets]
+        self.settings = [ProtocolSettings.of(e, background_threshold(None, e, d.bg_thresh))
+                         for d in self.datasets + self.final]
 
-    def __call__(self, model: torch.nn.Module, best: float) -> tuple[dict[str, float], float]:
-        """(``eval/<set>/mIoU`` of each set and ``eval/best_mIoU``, the new best): the same on every rank."""
+    def __call__(self, model: torch.nn.Module, best: float, final: bool = False) -> tuple[dict[str, float], float]:
+        """(``eval/<set>/mIoU`` of each set and ``eval/best_mIoU``, the new best): the same on every rank. ``final``:
+        the last step's model, which ``eval.final_datasets`` score too."""
         frozen = frozen_replica(model, self.world)
         out: dict[str, float] = {}
+        sets = self.datasets + (self.final if final else [])
         with torch.no_grad():
-            for i, (dataset, settings) in enumerate(zip(self.datasets, self.settings)):
+            for i, (dataset, settings) in enumerate(zip(sets, self.settings)):
                 matrix = confusion_in_process(frozen, dataset, settings, part=(self.world.rank, self.world.world))
                 matrix.matrix = self.world.total(matrix.matrix)
                 scores = matrix.scores()
@@ -51,7 +55,7 @@ class DevEvaluation:
                     oracle = oracle_confusion(frozen, dataset, settings, part=(self.world.rank, self.world.world))
                     oracle.matrix = self.world.total(oracle.matrix)
                     out[f"eval/{dataset.name}/oracle_mIoU"] = oracle.scores().miou
-                if i == 0:
+                if i == 0 and self.datasets:
                     out["eval/best_mIoU"] = max(best, scores.miou)
                     if scores.miou > best:
                         best = scores.miou

@@ -146,7 +146,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
 def train_section(experiment: Experiment) -> dict[str, Any]:
     """The training section with the workflow's wiring filled in where the section leaves it open: shards from the
     download stage, storage and name from the workdir and experiment, tracking from the experiment, the shapes
-    world's dev set as the set that picks the best model."""
+    world's dev set as the set that picks the best model and its val set scored on the final model."""
     raw = dict(experiment.train or {})
     base = raw.get("base")
     if isinstance(base, str) and (Path(experiment.source_dir) / base).is_file():
@@ -159,8 +159,11 @@ def train_section(experiment: Experiment) -> dict[str, Any]:
     if experiment.sources is not None and experiment.sources.shapes is not None:
         shapes = experiment.root / "shapes"
         wiring["loss"] = {"noun_vocabulary": str(shapes / "nouns.txt")}  # the world's class names
-        if experiment.sources.shapes.dev_images > 0:
-            wiring["eval"] = {"datasets": [f"voc:{shapes / 'dev'}"]}
+        scored = {"datasets": [f"voc:{shapes / 'dev'}"]} if experiment.sources.shapes.dev_images > 0 else {}
+        if experiment.sources.shapes.val_images > 0:  # the final model's val mIoU (eval/val/mIoU), picks nothing
+            scored["final_datasets"] = [f"voc:{shapes / 'val'}"]
+        if scored:
+            wiring["eval"] = scored
     return deep_merge(wiring, raw)
 
 

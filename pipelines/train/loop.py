@@ -92,7 +92,8 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
     eval_every = e.every_steps or e.every_epochs * steps_per_epoch if e.datasets else 0
     best_file = Path(tempfile.mkdtemp(prefix="pgseg-best-")) / "model_best.safetensors" \
         if rank == 0 and eval_every else None  # written here, then put into the run's storage
-    scorer = DevEvaluation(config, str(best_file) if best_file else None, world) if eval_every else None
+    scorer = DevEvaluation(config, str(best_file) if best_file else None, world) \
+        if eval_every or e.final_datasets else None
     latest_eval: dict[str, float] = {}
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
@@ -138,7 +139,8 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
             kill_once(markers / f"kill-{step}-{rank}")
         checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at
         # every checkpoint's report carries eval scores (a sweep's scheduler reads them): the first one scores
-        eval_now = bool(eval_every) and (step % eval_every == 0 or step == total or (checkpoint_now and not latest_eval))
+        eval_now = step == total and bool(e.final_datasets) or bool(eval_every) and (
+            step % eval_every == 0 or step == total or (checkpoint_now and not latest_eval))
         if not (checkpoint_now or eval_now or step % config.tracking.log_every == 0):
             continue
         now = time.perf_counter()
@@ -154,7 +156,7 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         if scorer is not None and eval_now:  # every rank scores its share: none waits long in a collective
             started = time.perf_counter()
             before_eval = best
-            latest_eval, best = scorer(step_fn.model, best)
+            latest_eval, best = scorer(step_fn.model, best, final=step == total)
             if best_file is not None and best > before_eval:  # a new best: into the run's storage, for every node
                 put_file(best_file, loop.best_model)
             metrics.update(latest_eval)

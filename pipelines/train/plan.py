@@ -68,9 +68,10 @@ def plan_training(config: Config, *, samples_per_epoch: int | None = None) -> Pl
                           f"{global_batch}) is larger than an epoch ({samples} samples)")
     name = t.name or time.strftime("pgseg-%Y%m%d-%H%M%S")
     storage = t.storage_path if is_uri(t.storage_path) else str(Path(t.storage_path).resolve())
-    for i, spec in enumerate(config.eval.datasets):  # scored during training: readable before any worker starts
-        try:
-            open_dataset(spec)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"eval.datasets[{i}]: {exc}") from None
+    for key in ("datasets", "final_datasets"):  # scored during training: readable before any worker starts
+        for i, spec in enumerate(getattr(config.eval, key)):
+            try:
+                open_dataset(spec)
+            except (ValueError, FileNotFoundError) as exc:
+                raise ConfigError(f"eval.{key}[{i}]: {exc}") from None
     return Plan(config, name, storage, samples, steps_per_epoch, steps_per_epoch * config.schedule.epochs, shards)

@@ -129,7 +129,7 @@ def run_sweep(spec: SweepSpec, *, printer: Callable[[str], None] = print) -> Swe
             plans.append(plan_training(spec.config(values)))
         except ConfigError as exc:
             raise ConfigError(f"trial {label}: {exc}") from None
-    eval_sets = [open_dataset(s).name for s in base.eval.datasets]
+    eval_sets = [open_dataset(s).name for s in base.eval.datasets + base.eval.final_datasets]
     check_metric(spec, eval_sets)
     concurrent = concurrent_trials(base, spec.trainable_cpus, spec.max_concurrent, *cluster_resources())
     state = _state(spec, [to_dict(p.config) for p in plans])

@@ -192,6 +192,6 @@ def check_metric(spec: SweepSpec, eval_sets: list[str]) -> None:
                           f"eval.datasets")
     if len(parts) == 3 and parts[1] not in eval_sets:
         raise ConfigError(f"metric: {spec.metric} names eval set {parts[1]!r}; the trials score "
-                          f"{', '.join(eval_sets)} (eval.datasets)")
+                          f"{', '.join(eval_sets)} (eval.datasets, eval.final_datasets)")
     if spec.metric != "eval/best_mIoU" and (len(parts) != 3 or parts[2] != "mIoU"):
         raise ConfigError(f"metric: {spec.metric}: expected eval/<set>/mIoU or eval/best_mIoU")

@@ -161,17 +161,20 @@ def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeyp
 def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_local, shapes_data, tmp_path):
     """2 workers, a collective timeout of 15 s, a dev set that takes longer than that to score (32 images scored at
     640 px): each rank scores its half and the counts are summed, so no rank waits in a collective while another
-    scores. The run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept."""
+    scores. The run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept. A set in
+    eval.final_datasets is scored once, by the final model: its figure is the exported model's in-process one."""
     from pgseg.checkpoint import load_model
     from pgseg.datasets import open_dataset
     from pgseg.evaluate import evaluate_in_process
     from pgseg.segment import ProtocolSettings, background_threshold
     from pipelines.data.shapes_world import write_voc_val
-    from pipelines.train.fit import BEST_MODEL_FILE
+    from pipelines.train.fit import BEST_MODEL_FILE, MODEL_FILE
 
     dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 32)
+    last = write_voc_val(shapes_data["world"], tmp_path / "last", 6, "val")
     config = tiny_config(shapes_data, tmp_path, "train.workers=2", "train.collective_timeout_s=15",
-                         f"eval.datasets=[voc:{dev}]", "eval.short_side=640", "train.checkpoint_every=100",
+                         f"eval.datasets=[voc:{dev}]", f"eval.final_datasets=[voc:{last}]", "eval.short_side=640",
+                         "train.checkpoint_every=100",
                          "data.batch_size=32", "train.name=slow-eval", "tracking.enabled=false")
     plan = plan_training(config)
     result = fit(plan)
@@ -183,6 +186,9 @@ def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_
     # every rank scored rank 0's model (its BatchNorm statistics too: after the last step each rank holds its own
     # batch's), the one kept; the same pixels up to a near-tie falling the other way on another thread count
     assert result.metrics[f"eval/{dataset.name}/mIoU"] == pytest.approx(scores.miou, abs=1e-4)
+    final = open_dataset(f"voc:{last}")
+    final_scores, _ = evaluate_in_process(load_model(plan.local_run_dir / MODEL_FILE)[0], final, settings)
+    assert result.metrics["eval/last/mIoU"] == pytest.approx(final_scores.miou, abs=1e-4)
 
 
 def test_storage_on_a_cluster_of_several_nodes_must_be_shared():
