@@ -25,6 +25,20 @@ def _sendable(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a contiguous gradient: the autograd all_gather sends each part's
+    gradient back to its rank as it gets it, and gloo sends a strided view's memory as if it were contiguous (a
+    gradient that ``torch.cat``'s backward slices out of a transposed or expanded tensor came back wrong)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 @dataclass(frozen=True)
 class Collectives:
     """This process's place in the world and the two collectives of a training step. ``Collectives()`` is a world
@@ -44,7 +58,7 @@ class Collectives:
         """Concatenate ``x`` [b, ...] from every rank along dim 0 ([W·b, ...]); gradients flow back to each rank."""
         if self.world == 1:
             return x
-        return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+        return torch.cat([_ContiguousGrad.apply(part) for part in dist_nn.all_gather(x.contiguous())], dim=0)
 
     @torch.no_grad()
     def mean(self, x: torch.Tensor) -> torch.Tensor:

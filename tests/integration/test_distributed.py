@@ -1,7 +1,8 @@
 """Two gloo processes on 127.0.0.1: the prototype EMA leaves identical buffers on both ranks, the image–text loss
 over the global batch gives each rank the gradient of the single-process loss on the whole batch, and the whole
 model's gradient averaged over the two ranks (what DDP applies) is one process's on the global batch, with the
-BatchNorm statistics frozen (on CPU each rank normalises with its own batch's: README, "BatchNorm")."""
+BatchNorm statistics frozen (on CPU each rank normalises with its own batch's: README, "BatchNorm"); so does the
+group-level noun loss with one group per noun (its assignments made over the gathered batch)."""
 import os
 import socket
 import tempfile
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 
 from pgseg import distributed as D
 from pgseg.config import load_config
-from pgseg.losses import contrastive_loss
+from pgseg.losses import contrastive_loss, multi_label_loss
 from pgseg.model import PGSeg
 from pgseg.text import tokenize
 from pgseg.train.dev_eval import frozen_replica
@@ -40,6 +41,14 @@ def _frozen_batchnorm_model_and_batch(world: D.Collectives = D.SINGLE):
     captions = ["a red circle", "a blue square", "a star", "two circles", "a green star", "a square and a star",
                 "a triangle", "three stars"]
     return model, torch.randn(len(captions), 3, 64, 64), tokenize(captions, context_length=16)
+
+
+def _group_noun_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A global batch of 8 images' groups [8, 4, 8] and two noun prompts each [8, 2, 8], with noun ids (5 nouns,
+    shared across the ranks' halves; no filler, which would leave the ranks unequal numbers of rows to average)."""
+    gen = torch.Generator().manual_seed(21)
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0], [4, 1], [2, 3], [0, 4], [1, 3], [2, 0]])
+    return torch.randn(8, 4, 8, generator=gen), torch.randn(8, 2, 8, generator=gen), ids
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -83,7 +92,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         replica = frozen_replica(model, world)
         scored = {k: v.clone() for k, v in replica.named_buffers()}
         assert not replica.training and replica.world == D.SINGLE and model.training and model.world == world
-        torch.save({"own_buffers": own, "scored_buffers": scored,"buffers": buffers, "local_means": local, "loss": loss.detach(),
+        # 5. the group-level noun loss, one group per noun: this rank's half of a fixed global batch
+        groups, nouns, ids = _group_noun_batch()
+        mine = slice(rank * 4, (rank + 1) * 4)
+        g, n = groups[mine].clone().requires_grad_(True), nouns[mine].clone().requires_grad_(True)
+        exclusive = multi_label_loss(g, n, torch.tensor(10.0), world, ids=ids[mine], exclusive=True)
+        exclusive.backward()
+        torch.save({"exclusive": exclusive.detach(), "exclusive_grads": (g.grad, n.grad), "own_buffers": own, "scored_buffers": scored,"buffers": buffers, "local_means": local, "loss": loss.detach(),
                     "img_grad": img.grad, "txt_grad": txt.grad, "model_loss": model_loss.detach(), "grads": grads},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -155,3 +170,16 @@ def test_two_ranks_apply_the_gradient_of_one_process_on_the_global_batch(results
     # and not by luck: one rank's own gradient is far from it
     alone = torch.cat([results[0]["grads"][k].flatten() for k in single])
     assert ((alone - reference).norm() / reference.norm()).item() > 1e-2
+
+
+def test_the_exclusive_group_noun_loss_is_the_global_batch_loss(results):
+    groups, nouns, ids = _group_noun_batch()
+    groups.requires_grad_(True)
+    nouns.requires_grad_(True)
+    loss = multi_label_loss(groups, nouns, torch.tensor(10.0), ids=ids, exclusive=True)
+    loss.backward()
+    assert sum(r["exclusive"] for r in results).item() / WORLD == pytest.approx(loss.item(), rel=1e-5)
+    for i, reference in enumerate((groups.grad, nouns.grad)):
+        summed = torch.cat([r["exclusive_grads"][i] for r in results]) / WORLD
+        torch.testing.assert_close(summed, reference, atol=1e-6, rtol=1e-4)
+    assert loss.item() != pytest.approx(multi_label_loss(groups, nouns, torch.tensor(10.0), ids=ids).item(), rel=1e-3)
