@@ -195,6 +195,9 @@ class LossConfig:
     multi_label_weight: float = 1.0
     # the same noun prompts against the image's groups (each noun scored by its best-matching group): 0 = off
     group_nouns_weight: float = 0.0
+    # how an image's groups score a noun of its own caption: max = its best-matching group (several nouns may share
+    # one group); exclusive = one group per noun by exact assignment (no group carries two of the caption's nouns)
+    group_nouns_match: Literal["max", "exclusive"] = "max"
     share_temperature: bool = False
     noun_vocabulary: str | None = None  # a text file, one noun per line; None = the built-in vocabulary
 

@@ -142,7 +142,8 @@ class PGSeg(nn.Module):
                     noun_ids = torch.arange(b * k, device=caption.device).reshape(b, k) + world.rank * b * k
                     noun_ids = noun_ids.masked_fill(caption, -1)
                 terms["group_nouns"] = self.loss_cfg.group_nouns_weight * multi_label_loss(
-                    image.groups, nouns, scale, world, ids=noun_ids)
+                    image.groups, nouns, scale, world, ids=noun_ids,
+                    exclusive=self.loss_cfg.group_nouns_match == "exclusive")
         stages = image.out.stages
         prototypes = {f"stage{s}": st.prototypes for s, st in enumerate(stages) if st.prototypes is not None}
         if text.prototypes is not None:

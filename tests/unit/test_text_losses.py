@@ -64,6 +64,36 @@ def test_group_level_multi_label_scores_each_noun_by_its_best_group():
     assert groups.grad[:, :2].abs().sum() > 0
 
 
+def test_exclusive_matching_gives_each_noun_of_a_caption_its_own_group():
+    from pgseg.losses import noun_groups
+
+    gen = torch.Generator().manual_seed(3)
+    nouns = F.normalize(torch.randn(4, 2, 16, generator=gen), dim=-1)  # 4 images, 2 nouns each
+    ids = torch.arange(8).reshape(4, 2)
+    scale = torch.tensor(10.0)
+    # each noun has a group of its own that matches it best: the exclusive loss is the max one
+    split = torch.cat([nouns, torch.randn(4, 3, 16, generator=gen) * 1e-3], dim=1)
+    assert noun_groups(split, nouns, ids).tolist() == [[0, 1]] * 4
+    assert multi_label_loss(split, nouns, scale, ids=ids, exclusive=True) == pytest.approx(
+        float(multi_label_loss(split, nouns, scale, ids=ids)), rel=1e-6)
+    # one group holding both nouns (their mean) is every noun's best match: with max it carries both, exclusive
+    # scores the second noun by another group, so a merged group costs more than under max
+    both = F.normalize(nouns.mean(dim=1, keepdim=True), dim=-1)
+    merged = torch.cat([both, split[:, 2:]], dim=1)  # [4, 4, 16]: the merged group and 3 near-empty ones
+    carriers = noun_groups(merged, nouns, ids)
+    assert (carriers[:, 0] != carriers[:, 1]).all() and ((carriers == 0).sum(dim=1) == 1).all()
+    assert multi_label_loss(merged, nouns, scale, ids=ids, exclusive=True) > multi_label_loss(
+        merged, nouns, scale, ids=ids) + 0.1
+    # the separated groups are what the exclusive loss prefers to the merged one (max hardly tells them apart)
+    assert multi_label_loss(split, nouns, scale, ids=ids, exclusive=True) < multi_label_loss(
+        merged, nouns, scale, ids=ids, exclusive=True)
+    # a filler (the caption standing in for a noun) never takes a noun's group
+    fill = ids.clone()
+    fill[:, 0] = -1
+    filler_first = torch.stack([nouns[:, 1], nouns[:, 1]], dim=1)  # the filler matches noun 1's group best too
+    assert noun_groups(split, filler_first, fill)[:, 1].tolist() == [1] * 4
+
+
 def test_prompts_left_out_of_the_multi_label_loss_change_nothing():
     gen = torch.Generator().manual_seed(1)
     groups, nouns = torch.randn(3, 4, 16, generator=gen), torch.randn(3, 2, 16, generator=gen)
