@@ -33,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
     p.set_defaults(func=run)
     q = sub.add_parser("quickstart", help="the whole pipeline on a generated shapes world, on this machine")
-    q.add_argument("--minutes", type=float, default=None,
-                   help="train longer (or shorter): scales the training epochs from the default 15-minute budget")
+    q.add_argument("--epochs", type=int, default=None,
+                   help="train for this many epochs instead of the experiment's (longer or shorter)")
     _common(q)
     q.set_defaults(func=quickstart, experiment=str(QUICKSTART))
 
@@ -82,17 +82,11 @@ def run(args: argparse.Namespace) -> int:
 
 def quickstart(args: argparse.Namespace) -> int:
     extra = []
-    if args.minutes is not None:
-        if args.minutes <= 0:
-            print("error: --minutes must be > 0", file=sys.stderr)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            print(f"error: --epochs must be >= 1, got {args.epochs}", file=sys.stderr)
             return 2
-        base = _load(args)
-        if base is None:
-            return 2
-        from pipelines.flow import training_config
-
-        epochs = training_config(base).schedule.epochs
-        extra.append(f"train.schedule.epochs={max(1, round(epochs * args.minutes / 15))}")
+        extra.append(f"train.schedule.epochs={args.epochs}")
     experiment = _load(args, extra)
     if experiment is None:
         return 2
