@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -53,21 +54,43 @@ def _device_check() -> str:
 
 
 def _quickstart() -> str:
+    import numpy as np
+
     q = json.loads((RESULTS / "quickstart.json").read_text())
     v = q["val"]
     per_class = ", ".join(f"{row['class']} {100 * row['iou']:.1f}" for row in v["table"])
     minutes, seconds = divmod(q["quickstart_s"], 60)
-    return ("| run | val mIoU | all-background | per class IoU | wall time |\n|---|---|---|---|---|\n"
-            f"| `pgseg quickstart` (the default) from a clean clone, commit `{q['commit'][:7]}` "
-            f"(`results/quickstart.json`) | **{100 * v['miou']:.1f}** | {100 * v['all_background_miou']:.1f} | "
-            f"{per_class} | {minutes} min {seconds} s (+ {q['install_s']} s install) |")
+    lines = ["| run | val mIoU | all-background | per class IoU | wall time |", "|---|---|---|---|---|",
+             f"| `pgseg quickstart` (the default) from a clean clone, commit `{q['commit'][:7]}` "
+             f"(`results/quickstart.json`) | **{100 * v['miou']:.1f}** | {100 * v['all_background_miou']:.1f} | "
+             f"{per_class} | {minutes} min {seconds} s (+ {q['install_s']} s install) |"]
+    runs = q.get("seeds", [])
+    for run in runs[1:]:
+        r = run["val"]
+        lines.append(f"| the same with `train.seed` = `data.seed` = {run['seed']} | {100 * r['miou']:.1f} | "
+                     f"{100 * r['all_background_miou']:.1f} | "
+                     + ", ".join(f"{row['class']} {100 * row['iou']:.1f}" for row in r["table"])
+                     + f" | {run['quickstart_s'] // 60} min {run['quickstart_s'] % 60} s |")
+    if len(runs) > 1:
+        values = np.array([100 * run["val"]["miou"] for run in runs])
+        lines += ["", f"Over the {len(runs)} seeds ({', '.join(str(run['seed']) for run in runs)}): val mIoU "
+                      f"{values.mean():.1f} ± {values.std(ddof=1):.1f} (mean ± sample std), the final model of "
+                      f"each run."]
+    return "\n".join(lines)
+
+
+def _quickstart_world_at(commit: str) -> dict:
+    """The quickstart's shapes world as the experiment file of ``commit`` had it."""
+    import yaml
+
+    text = subprocess.run(["git", "show", f"{commit}:configs/experiments/quickstart.yaml"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+    return yaml.safe_load(text)["sources"]["shapes"]["world"]
 
 
 def _changes(record: dict) -> str:
-    """What a learner-study run changed against the quickstart (its world fields and config overrides)."""
-    from benchmarks.learner import quickstart_parts
-
-    world = quickstart_parts()[0]["world"]
+    """What a learner-study run changed against the quickstart of its commit (world fields, config overrides)."""
+    world = _quickstart_world_at(record["commit"])
     parts = [f"world.{k}={v}" for k, v in record["world"].items() if world.get(k) != v]
     if record.get("noun_vocabulary") == "built-in":  # the first runs: nouns from the built-in word list
         parts.append("nouns: built-in list")
@@ -77,7 +100,7 @@ def _changes(record: dict) -> str:
         parts += rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]
     if record.get("noun_ids") and any(p.startswith("loss.group_nouns_weight") for p in parts):
         parts.append("group loss with noun ids")  # one noun's prompts are positives (from commit cd2bba1)
-    return ", ".join(f"`{p}`" for p in parts) or "the quickstart's"
+    return ", ".join(f"`{p}`" for p in parts) or "nothing"
 
 
 def _learner() -> str:
@@ -85,28 +108,55 @@ def _learner() -> str:
     by_name: dict[str, list[dict]] = {}
     for r in records:
         by_name.setdefault(r["name"], []).append(r)
-    lines = ["| run | changed | seeds | final val mIoU (bg 0.5) | at bg 0.95 | final val oracle-group mIoU | steps | "
-             "train time |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | against the quickstart of | changed | seeds | final val mIoU at bg 0.5 | at bg 0.95 | "
+             "final val oracle-group mIoU | steps | train time |", "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in by_name.items():
         runs.sort(key=lambda r: r["seed"])
-        miou = ", ".join(f"{100 * r['val']['miou']:.1f}" for r in runs)
+
+        def at(threshold: str) -> str:  # (the first runs scored at 0.5 only, before --rescore)
+            return ", ".join(f"{100 * r['val']['miou_by_bg_thresh'][threshold]:.1f}"
+                             if threshold in r["val"].get("miou_by_bg_thresh", {})
+                             else f"{100 * r['val']['miou']:.1f}" if threshold == "0.5" else "–" for r in runs)
+
         oracle = ", ".join(f"{100 * r['val']['oracle_miou']:.1f}" for r in runs)
-        high = ", ".join(f"{100 * r['val']['miou_by_bg_thresh']['0.95']:.1f}" if "miou_by_bg_thresh" in r["val"]
-                         else "–" for r in runs)
         seconds = ", ".join(f"{r['train_s'] / 60:.0f} min" for r in runs)
-        lines.append(f"| {name} | {_changes(runs[0])} | {', '.join(str(r['seed']) for r in runs)} | {miou} | "
-                     f"{high} | {oracle} | {runs[0]['steps']} | {seconds} |")
+        lines.append(f"| {name} | `{runs[0]['commit'][:7]}` | {_changes(runs[0])} | "
+                     f"{', '.join(str(r['seed']) for r in runs)} | {at('0.5')} | {at('0.95')} | {oracle} | "
+                     f"{runs[0]['steps']} | {seconds} |")
     first = records[0] if records else {}
     lines.append("")
     lines.append(f"Measured by `python -m benchmarks.learner NAME ...` ({len(records)} runs, `results/learner/`; "
-                 f"{first.get('machine', '')}, two runs at a time), val = the quickstart's 200 val images; the final "
-                 f"model at the quickstart's background threshold (0.5) and at VOC's (0.95, `--rescore` for the "
-                 f"first runs).")
+                 f"{first.get('machine', '')}, two runs at a time), val = the world's 200 val images; the final "
+                 f"model at background thresholds 0.5 and 0.95 (VOC's, the protocol's default for a set with a "
+                 f"background class; `--rescore` for the first runs).")
+    return "\n".join(lines)
+
+
+def _table4() -> str:
+    t = json.loads((RESULTS / "table4_tiny.json").read_text())
+    metric = t["metric"].split("/")[1] + " mIoU"
+
+    def num(value, sign: bool = False) -> str:
+        return "–" if value is None or value != value else (f"{value:+.1f}" if sign else f"{value:.1f}")
+
+    lines = [f"| variant | runs (diverged) | {metric}: mean ± std | 95 % CI | Δ vs {t['statistics'][0]['variant']}, "
+             f"paired by seed | Δ 95 % CI | p |", "|---|---|---|---|---|---|---|"]
+    for row in t["statistics"]:
+        mean, p = row[f"{metric} mean"], row["p"]
+        low, high = row["Δ CI95 low"], row["Δ CI95 high"]
+        delta = "–" if low is None else f"[{num(low, True)}, {num(high, True)}]"
+        lines.append(f"| {row['variant']} | {row['runs']} ({row['diverged']}) | {num(mean)} ± {num(row['std'])} | "
+                     f"[{num(row['CI95 low'])}, {num(row['CI95 high'])}] | {num(row['Δ mean'], True)} | {delta} | "
+                     f"{'–' if p is None or p != p else f'{p:.2f}'} |")
+    lines += ["", *[f"- {v}" for v in t["verdicts"]], "",
+              f"Measured by `{t['command']}` (`{t['sweep_command']}`: seeds {t['seeds']}, the final model's "
+              f"{metric}), {t['machine']}, {t['date']}, commit `{t['commit'][:7]}`, {t['wall_s'] / 60:.0f} min "
+              f"(`results/table4_tiny.json`)."]
     return "\n".join(lines)
 
 
 RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check, "quickstart": _quickstart,
-                                           "learner": _learner}
+                                           "learner": _learner, "table4": _table4}
 BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
 
 
