@@ -1,8 +1,10 @@
 """The README's first command, measured as a new user meets it: a clean clone of this checkout's HEAD, the install,
 then ``pgseg quickstart``; the figures it printed (read from the workflow's own files) go to
 ``results/quickstart.json`` with the command, commit and date, and ``python -m benchmarks.readme`` shows them.
+``--seeds 1 2``: then the same quickstart again in that clone with each further seed (``train.seed`` and
+``data.seed``; the default run is seed 0), each in its own working folder, for the spread over seeds.
 
-    python -m benchmarks.quickstart [--clone-to /tmp/pgseg-quickstart] [--out results/quickstart.json]
+    python -m benchmarks.quickstart [--clone-to /tmp/pgseg-quickstart] [--out results/quickstart.json] [--seeds 1 2]
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clone-to", default="/tmp/pgseg-quickstart", help="a folder that does not exist yet")
     parser.add_argument("--out", default=str(REPO / "results" / "quickstart.json"))
+    parser.add_argument("--seeds", type=int, nargs="*", default=[], help="further seeds, run after the default (0)")
     args = parser.parse_args()
+    if any(seed <= 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        sys.exit(f"error: --seeds: distinct seeds > 0 (the default run is seed 0), got {args.seeds}")
     clone = Path(args.clone_to)
     if clone.exists():
         sys.exit(f"error: {clone} exists; name a new folder (nothing of yours is replaced)")
@@ -58,6 +63,15 @@ def main() -> None:
               "quickstart_s": quickstart_s,
               "stage_seconds": {k: round(v["seconds"], 1) for k, v in stages.items()},
               "train_metrics": stages.get("train", {}).get("metrics", {}), "val": results["val"]}
+    record["seeds"] = [{"seed": 0, "quickstart_s": quickstart_s, "val": results["val"]}]
+    for seed in args.seeds:
+        folder = Path(f"outputs/quickstart-seed{seed}")
+        sets = [f"--set train.{key}.seed={seed}" for key in ("train", "data")]
+        again = f"{run} --workdir {folder} {' '.join(sets)}"
+        seconds = _timed(again, clone)
+        seeded = json.loads((clone / folder / "eval" / "results.json").read_text())
+        record["seeds"].append({"seed": seed, "command": again, "quickstart_s": seconds, "val": seeded["val"]})
+        print(f"seed {seed}: val mIoU {100 * seeded['val']['miou']:.2f} in {seconds} s", flush=True)
     out = Path(args.out)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"val mIoU {100 * results['val']['miou']:.2f} (all-background {100 * results['val']['all_background_miou']:.2f});"
