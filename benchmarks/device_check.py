@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from benchmarks.record import write_record
+
 REPO = Path(__file__).resolve().parents[1]
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
                "horse", "motorbike", "person", "plant", "sheep", "sofa", "train", "monitor"]
@@ -176,10 +178,7 @@ def main() -> None:
             result[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
         result[name]["wall_s"] = time.perf_counter() - start
         print(name, json.dumps(result[name], indent=1), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_record(args.out, result)
 
 
 if __name__ == "__main__":

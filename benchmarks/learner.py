@@ -11,13 +11,14 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
+
+from benchmarks.record import commit_state, write_record
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -111,9 +112,7 @@ def main() -> None:
     from pipelines.data.shapes_world import ShapesWorld, write_voc_val
 
     torch.set_num_threads(args.threads)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
+    commit, dirty = commit_state()
     world_spec, train_spec = quickstart_parts()
     world_fields = {**world_spec["world"], **{k: _value(v) for k, v in (kv.split("=", 1) for kv in args.world)}}
     world = ShapesWorld(**world_fields)
@@ -189,16 +188,13 @@ def main() -> None:
         Path(args.model_out).mkdir(parents=True, exist_ok=True)
         save_model(trainer.model, config, str(Path(args.model_out) / f"{args.name}_seed{args.seed}.safetensors"))
     record = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.learner", *sys.argv[1:]]),
-              "commit": commit, "dirty": dirty, "noun_vocabulary": "world", "noun_ids": True, "date": str(date.today()), "machine": f"{os.cpu_count()} cores, {args.threads} thread(s)",
+              "commit": commit, "dirty": dirty, "noun_vocabulary": "world", "noun_ids": True, "date": str(date.today()),
+              "machine": f"{os.cpu_count()} cores, {args.threads} thread(s)",
               "name": args.name, "seed": args.seed, "world": world_fields, "overrides": overrides,
               "images": images, "steps": total, "prepare_s": round(prepare_s, 1), "train_s": round(train_s, 1),
               "val": final, "val_images": args.val, "curve": curve}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name}_seed{args.seed}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({"name": args.name, "seed": args.seed, **final, "train_s": round(train_s, 1)}))
-    print(f"wrote {path}")
+    write_record(Path(args.out) / f"{args.name}_seed{args.seed}.json", record)
 
 
 if __name__ == "__main__":

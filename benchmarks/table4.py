@@ -17,6 +17,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from benchmarks.record import commit_state, write_record
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "configs" / "sweeps" / "table4_modules_tiny.yaml"
 
@@ -37,9 +39,7 @@ def main() -> None:
     name = yaml.safe_load(Path(args.sweep).read_text())["name"]
     command = [sys.executable, "-m", "jobs.cli", "sweep", "--config", args.sweep, "--workdir", str(workdir),
                *[f"--set={kv}" for kv in args.set]]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
+    commit, dirty = commit_state()
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     start = time.perf_counter()
     code = subprocess.run(command, cwd=REPO, env=env).returncode
@@ -55,10 +55,7 @@ def main() -> None:
               "wall_s": round(wall), "seeds": seeds["seeds"], "metric": seeds["metric"],
               "statistics": seeds["statistics"], "verdicts": seeds["verdicts"],
               "trials": json.loads((root / "summary.json").read_text())}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":
