@@ -35,7 +35,7 @@ def learning_curve(tracker: Tracker, run_id: str, dev_set: str | None, path: Pat
         right.set_ylabel("mIoU (%)")
         lines = ax.get_legend_handles_labels()
         more = right.get_legend_handles_labels()
-        right.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper right")
+        right.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center right")
     ax.set_title("learning curve")
     ax.grid(alpha=0.3)
     fig.tight_layout()
