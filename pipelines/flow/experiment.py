@@ -13,6 +13,7 @@ from pipelines.data.shapes_world import ShapesWorld
 from pipelines.data.sources import SourceSpec
 
 STAGES = ("sources", "download", "train", "evaluate", "analyze")
+DATA_STAGES = ("sources", "download")  # the stages a sweep runs before its trials (they need no model)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pgseg.config import Config, ConfigError, load_config
 from pgseg.config.load import from_dict, read_mapping
-from pipelines.flow.experiment import Experiment, load_experiment, train_section
+from pipelines.flow.experiment import DATA_STAGES, STAGES, Experiment, load_experiment, train_section
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
 
@@ -153,8 +153,8 @@ def load_sweep(path: str | Path, overrides: list[str] = (), workdir: str | None 
         spec.experiment = str(Path(spec.source_dir) / spec.experiment)
         base: Any = train_section(experiment)
         spec.workdir = str(experiment.root)
-        if experiment.sources is not None or experiment.download is not None:
-            spec.data_stages = replace(experiment, train=None, evaluate=None)
+        if any(getattr(experiment, stage) is not None for stage in DATA_STAGES):
+            spec.data_stages = replace(experiment, **{s: None for s in STAGES if s not in DATA_STAGES})
     else:
         local = Path(spec.source_dir) / spec.base
         base = spec.base = str(local) if local.is_file() else spec.base

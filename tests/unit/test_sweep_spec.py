@@ -53,6 +53,8 @@ def test_ready_sweep_files_load():
     for path in files:
         spec = load_sweep(path)
         assert spec.trial_values()
+        if spec.data_stages is not None:  # only the data stages run before the trials: the others need a model
+            assert spec.data_stages.stages == ["sources", "download"], path.name
 
 
 def test_seeds_repeat_every_point_and_set_the_model_and_data_seeds(tmp_path):
