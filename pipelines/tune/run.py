@@ -129,8 +129,9 @@ def run_sweep(spec: SweepSpec, *, printer: Callable[[str], None] = print) -> Swe
             plans.append(plan_training(spec.config(values)))
         except ConfigError as exc:
             raise ConfigError(f"trial {label}: {exc}") from None
-    eval_sets = [open_dataset(s).name for s in base.eval.datasets + base.eval.final_datasets]
-    check_metric(spec, eval_sets)
+    during, final = ([open_dataset(s).name for s in sets] for sets in (base.eval.datasets, base.eval.final_datasets))
+    check_metric(spec, during, final)
+    eval_sets = during + final
     concurrent = concurrent_trials(base, spec.trainable_cpus, spec.max_concurrent, *cluster_resources())
     state = _state(spec, [to_dict(p.config) for p in plans])
     tune_path = root / TUNE_DIR

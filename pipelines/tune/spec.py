@@ -183,15 +183,21 @@ def load_sweep(path: str | Path, overrides: list[str] = (), workdir: str | None 
     return spec
 
 
-def check_metric(spec: SweepSpec, eval_sets: list[str]) -> None:
+def check_metric(spec: SweepSpec, eval_sets: list[str], final_sets: list[str] = ()) -> None:
+    """The sweep's metric against the trials' eval sets (scored during training) and final sets (scored once, by
+    the final model)."""
     parts = spec.metric.split("/")
     if parts[0] != "eval":
         return  # a training metric (loss, loss/<term>, ...): reported with every checkpoint
-    if not eval_sets:
+    if not eval_sets and not final_sets:
         raise ConfigError(f"metric: {spec.metric} needs evaluation during training; the trials' config has no "
                           f"eval.datasets")
-    if len(parts) == 3 and parts[1] not in eval_sets:
+    if len(parts) == 3 and parts[1] not in [*eval_sets, *final_sets]:
         raise ConfigError(f"metric: {spec.metric} names eval set {parts[1]!r}; the trials score "
-                          f"{', '.join(eval_sets)} (eval.datasets, eval.final_datasets)")
+                          f"{', '.join([*eval_sets, *final_sets])} (eval.datasets, eval.final_datasets)")
+    if len(parts) == 3 and parts[1] not in eval_sets and spec.scheduler != "none":
+        raise ConfigError(f"metric: {spec.metric} is scored once, by the final model (eval.final_datasets); the "
+                          f"{spec.scheduler} scheduler compares trials during training: name a set of eval.datasets "
+                          f"or use scheduler: none")
     if spec.metric != "eval/best_mIoU" and (len(parts) != 3 or parts[2] != "mIoU"):
         raise ConfigError(f"metric: {spec.metric}: expected eval/<set>/mIoU or eval/best_mIoU")

@@ -64,7 +64,7 @@ def for_tune(metrics: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:
 class TrialReport(TuneReportCallback):
     """Ray Train's reports forwarded to Tune (from the Train controller), but for the last step's: the trainable
     reports that one itself once ``fit`` has returned, so a scheduler's stop on it cannot cut the model export and
-    the MLflow run's end."""
+    the MLflow run's end. Reports without the sweep's metric (one scored only by the final model) stay with Train."""
 
     def __init__(self, metric: str, mode: str):
         super().__init__()
@@ -74,6 +74,8 @@ class TrialReport(TuneReportCallback):
         first = metrics[0] if metrics else {}
         if first.get("step", 0) >= first.get("total_steps", math.inf):
             return
+        if self.metric not in first:  # a set of eval.final_datasets: scored at the last step only, which the
+            return  # trainable reports itself (Tune refuses a result without the sweep's metric)
         super().after_report(run_context, [for_tune(first, self.metric, self.mode), *metrics[1:]], checkpoint)
 
 

@@ -18,15 +18,17 @@ from test_train_job import ray_head  # noqa: F401 - the fixture: a `ray start --
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _base(tmp_path: Path, shapes_data: dict, uri: str | None, *, steps: int, experiment: str = "sweep-test") -> Path:
+def _base(tmp_path: Path, shapes_data: dict, uri: str | None, *, steps: int, experiment: str = "sweep-test",
+          final: Path | None = None) -> Path:
     """A tiny training config on the shapes shards: ``steps`` steps of 16, the val set scored every 4 steps (with a
-    checkpoint, which is when Tune hears of it)."""
+    checkpoint, which is when Tune hears of it); ``final``: a set scored once, by the final model."""
     config = {"base": "tiny",
               "data": {"shards": [str(shapes_data["shards"])], "batch_size": 16, "samples_per_epoch": 16 * steps,
                        "augment": False},
               "schedule": {"epochs": 1},
               "train": {"workers": 1, "cpus_per_worker": 0.5, "checkpoint_every": 4},
-              "eval": {"datasets": [f"voc:{shapes_data['val']}"], "every_steps": 4, "bg_thresh": 0.0},
+              "eval": {"datasets": [f"voc:{shapes_data['val']}"], "every_steps": 4, "bg_thresh": 0.0,
+                       "final_datasets": [f"voc:{final}"] if final else []},
               "tracking": ({"uri": uri, "experiment": experiment, "log_every": 2} if uri else {"enabled": False})}
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -52,10 +54,13 @@ def _summary(client, run_id: str) -> list[dict]:
 def test_two_trial_grid_logs_children_and_a_summary_with_deltas(ray_local, shapes_data, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from pipelines.data.shapes_world import write_voc_val
     from pipelines.tune import load_sweep, run_sweep
 
-    base = _base(tmp_path, shapes_data, mlflow_server, steps=8)
-    spec = load_sweep(_sweep(tmp_path, "grid", base, metric="eval/val/mIoU", seeds=[0, 1]))
+    # the metric: a set scored once, by each trial's final model (intermediate reports do not carry it)
+    final = write_voc_val(shapes_data["world"], tmp_path / "final", 4, "dev")
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=8, final=final)
+    spec = load_sweep(_sweep(tmp_path, "grid", base, metric="eval/final/mIoU", seeds=[0, 1]))
     lines: list[str] = []
     result = run_sweep(spec, printer=lines.append)
     assert "2 trial(s), at most 1 at a time" in lines[0]  # 0.5 worker CPU + 0.2 trainable + 1 for Ray Data on 2 CPUs
@@ -75,24 +80,26 @@ def test_two_trial_grid_logs_children_and_a_summary_with_deltas(ray_local, shape
     for seed, child in by_seed.items():
         history = client.get_metric_history(child.info.run_id, "eval/val/mIoU")
         assert sorted(m.step for m in history) == [4, 8]
-        finals[seed] = 100 * max(history, key=lambda m: m.step).value
-    assert rows[0]["val mIoU"] == pytest.approx(finals[0], abs=0.006)
-    assert rows[1]["val mIoU"] == pytest.approx(finals[1], abs=0.006)
-    assert rows[0]["Δ val mIoU"] == 0.0
-    assert rows[1]["Δ val mIoU"] == pytest.approx(finals[1] - finals[0], abs=0.011)
+        (last,) = client.get_metric_history(child.info.run_id, "eval/final/mIoU")
+        assert last.step == 8
+        finals[seed] = 100 * last.value
+    assert rows[0]["final mIoU"] == pytest.approx(finals[0], abs=0.006)
+    assert rows[1]["final mIoU"] == pytest.approx(finals[1], abs=0.006)
+    assert rows[0]["Δ final mIoU"] == 0.0
+    assert rows[1]["Δ final mIoU"] == pytest.approx(finals[1] - finals[0], abs=0.011)
     assert rows[0]["steps"] == "8/8" and rows[1]["status"] == "finished"
     # over the seeds: the mean of the two final values, its std and 95 % interval (one point, so no pairs)
     table = json.loads(Path(client.download_artifacts(result.run_id, "summary_seeds.json")).read_text())
     (stats,) = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert stats["runs"] == 2 and stats["diverged"] == 0 and stats["pairs"] is None
-    assert stats["val mIoU mean"] == pytest.approx((finals[0] + finals[1]) / 2, abs=0.006)
+    assert stats["final mIoU mean"] == pytest.approx((finals[0] + finals[1]) / 2, abs=0.006)
     assert stats["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5, abs=0.01)
     if stats["std"] > 0:
         assert stats["CI95 low"] < min(finals.values()) and stats["CI95 high"] > max(finals.values())
     markdown = Path(client.download_artifacts(result.run_id, "summary.md")).read_text()
-    assert "| seed |" in markdown and "| val mIoU mean |" in markdown
+    assert "| seed |" in markdown and "| final mIoU mean |" in markdown
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/seeds.png"]
-    best = max(result.rows, key=lambda r: r.last["eval/val/mIoU"])
+    best = max(result.rows, key=lambda r: r.last["eval/final/mIoU"])
     assert parent.data.tags["pgseg.best_trial"] == best.label
     # run again: Tune's state says every trial ended, nothing is trained again
     mtimes = {p: p.stat().st_mtime_ns for p in (spec.root / "runs").rglob("*") if p.is_file()}

@@ -134,3 +134,18 @@ def test_a_diverged_or_failed_seed_is_counted_and_left_out_of_the_pairs(tmp_path
     assert on["pairs"] == 1 and on["Δ mean"] == pytest.approx(10.0)  # only seed 0 has both
     assert on["Δ CI95 low"] != on["Δ CI95 low"]  # one pair: no interval (nan)
     assert "fewer than two paired seeds" in verdict(on, "off")
+
+
+def test_a_metric_scored_only_by_the_final_model_needs_no_scheduler(tmp_path):
+    from pgseg.config import ConfigError
+    from pipelines.tune import load_sweep
+    from pipelines.tune.spec import check_metric
+
+    plain = load_sweep(_write(tmp_path, metric="eval/final/mIoU", seeds=[0, 1]))
+    check_metric(plain, ["dev"], ["final"])  # scored once at the last step: fine without a scheduler
+    with pytest.raises(ConfigError, match="names eval set 'test'; the trials score dev, final"):
+        check_metric(load_sweep(_write(tmp_path, metric="eval/test/mIoU", seeds=[0, 1])), ["dev"], ["final"])
+    asha = load_sweep(_write(tmp_path, metric="eval/final/mIoU", seeds=[0, 1], scheduler="asha"))
+    with pytest.raises(ConfigError, match=r"eval/final/mIoU is scored once, by the final model .* asha scheduler"):
+        check_metric(asha, ["dev"], ["final"])
+    check_metric(load_sweep(_write(tmp_path, metric="eval/dev/mIoU", seeds=[0, 1], scheduler="asha")), ["dev"], ["final"])
