@@ -150,8 +150,9 @@ def _table4() -> str:
                      f"{'–' if p is None or p != p else f'{p:.2f}'} |")
     lines += ["", *[f"- {v}" for v in t["verdicts"]], "",
               f"Measured by `{t['command']}` (`{t['sweep_command']}`: seeds {t['seeds']}, the final model's "
-              f"{metric}), {t['machine']}, {t['date']}, commit `{t['commit'][:7]}`, {t['wall_s'] / 60:.0f} min "
-              f"(`results/table4_tiny.json`)."]
+              f"{metric}), {t['machine']}, {t['date']}, commit `{t['commit'][:7]}`, "
+              + ("resumed after an interruption" if t.get("resumed") else f"{t['wall_s'] / 60:.0f} min")
+              + " (`results/table4_tiny.json`)."]
     return "\n".join(lines)
 
 

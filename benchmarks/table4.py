@@ -5,6 +5,9 @@ difference from GroupViT paired by seed with its interval, the verdict sentences
 ``results/table4_tiny.json`` with the command, commit, machine and date; ``python -m benchmarks.readme`` shows them.
 
     python -m benchmarks.table4 [--workdir /tmp/pgseg-table4] [--out results/table4_tiny.json] [--set KEY=VALUE ...]
+    python -m benchmarks.table4 --workdir /tmp/pgseg-table4 --resume   # after an interruption: finished trials kept
+
+A resumed measurement records no wall time (part of the work was done before), only that it was resumed.
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "configs" / "sweeps" / "table4_modules_tiny.yaml"
 
 
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/pgseg-table4", help="a folder that does not exist yet")
@@ -30,13 +38,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "results" / "table4_tiny.json"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override of the trials' config, passed to pgseg sweep (recorded)")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep in --workdir (interrupted)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    if workdir.exists():
-        sys.exit(f"error: {workdir} exists; name a new folder (nothing of yours is replaced)")
     import yaml
 
     name = yaml.safe_load(Path(args.sweep).read_text())["name"]
+    if args.resume and not (workdir / "sweeps" / name / "sweep.json").is_file():
+        _refuse(f"--resume: {workdir} holds no sweep {name!r} to continue")
+    if workdir.exists() and not args.resume:
+        _refuse(f"{workdir} exists; name a new folder, or --resume the sweep in it (nothing of yours is replaced)")
     command = [sys.executable, "-m", "jobs.cli", "sweep", "--config", args.sweep, "--workdir", str(workdir),
                *[f"--set={kv}" for kv in args.set]]
     commit, dirty = commit_state()
@@ -52,7 +63,7 @@ def main() -> None:
               "sweep_command": " ".join(["pgseg", *command[3:]]), "sweep": str(Path(args.sweep).relative_to(REPO))
               if Path(args.sweep).resolve().is_relative_to(REPO) else args.sweep,
               "commit": commit, "dirty": dirty, "date": str(date.today()), "machine": f"{os.cpu_count()} cores",
-              "wall_s": round(wall), "seeds": seeds["seeds"], "metric": seeds["metric"],
+              "wall_s": None if args.resume else round(wall), "resumed": args.resume, "seeds": seeds["seeds"], "metric": seeds["metric"],
               "statistics": seeds["statistics"], "verdicts": seeds["verdicts"],
               "trials": json.loads((root / "summary.json").read_text())}
     write_record(args.out, record)
