@@ -63,7 +63,8 @@ def main() -> None:
               "sweep_command": " ".join(["pgseg", *command[3:]]), "sweep": str(Path(args.sweep).relative_to(REPO))
               if Path(args.sweep).resolve().is_relative_to(REPO) else args.sweep,
               "commit": commit, "dirty": dirty, "date": str(date.today()), "machine": f"{os.cpu_count()} cores",
-              "wall_s": None if args.resume else round(wall), "resumed": args.resume, "seeds": seeds["seeds"], "metric": seeds["metric"],
+              "wall_s": None if args.resume else round(wall), "resumed": args.resume, "seeds": seeds["seeds"],
+              "metric": seeds["metric"],
               "statistics": seeds["statistics"], "verdicts": seeds["verdicts"],
               "trials": json.loads((root / "summary.json").read_text())}
     write_record(args.out, record)

@@ -183,7 +183,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), workdir: str | None 
     return spec
 
 
-def check_metric(spec: SweepSpec, eval_sets: list[str], final_sets: list[str] = ()) -> None:
+def check_metric(spec: SweepSpec, eval_sets: list[str], final_sets: list[str]) -> None:
     """The sweep's metric against the trials' eval sets (scored during training) and final sets (scored once, by
     the final model)."""
     parts = spec.metric.split("/")
