@@ -16,18 +16,18 @@ from .reader import CheckpointError, read_checkpoint_file
 
 FORMAT = "pgseg-v1"
 
-def save_model(model: torch.nn.Module, config: Config, path: str | Path) -> Path:
-    """Write the model's tensors and its config to one ``.safetensors`` file, atomically."""
+def save_model(model: torch.nn.Module, config: Config, path: str | Path, step: int | None = None) -> Path:
+    """Write the model's tensors and its config to one ``.safetensors`` file, atomically; ``step``: the training
+    step the model was taken at (a trained model's), kept in the metadata."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: our model files end in .safetensors")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata={"format": FORMAT,
-                                                                              "config": dump_config(config)}))
+    metadata = {"format": FORMAT, "config": dump_config(config), **({"step": str(step)} if step is not None else {})}
+    return atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
 
 
-def read_model_config(path: str | Path) -> Config:
-    """The config stored in one of our model files."""
+def _metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file")
@@ -39,7 +39,18 @@ def read_model_config(path: str | Path) -> Config:
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path}: not a pgseg model file (no {FORMAT} metadata); convert released "
                               f"checkpoints with `pgseg convert`")
-    return load_config(yaml.safe_load(io.StringIO(meta["config"])))
+    return meta
+
+
+def read_model_config(path: str | Path) -> Config:
+    """The config stored in one of our model files."""
+    return load_config(yaml.safe_load(io.StringIO(_metadata(path)["config"])))
+
+
+def model_step(path: str | Path) -> int | None:
+    """The training step a model file was taken at, or None (converted, or written before files kept it)."""
+    step = _metadata(path).get("step")
+    return int(step) if step is not None and step.isdigit() else None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:

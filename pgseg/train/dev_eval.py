@@ -39,9 +39,11 @@ class DevEvaluation:
         self.settings = [ProtocolSettings.of(e, background_threshold(None, e, d.bg_thresh))
                          for d in self.datasets + self.final]
 
-    def __call__(self, model: torch.nn.Module, best: float, final: bool = False) -> tuple[dict[str, float], float]:
+    def __call__(self, model: torch.nn.Module, best: float, final: bool = False,
+                 step: int | None = None) -> tuple[dict[str, float], float]:
         """(``eval/<set>/mIoU`` of each set and ``eval/best_mIoU``, the new best): the same on every rank. ``final``:
-        the last step's model, which ``eval.final_datasets`` score too."""
+        the last step's model, which ``eval.final_datasets`` score too; ``step``: the model's, kept in the best
+        model's file."""
         frozen = frozen_replica(model, self.world)
         out: dict[str, float] = {}
         sets = self.datasets + (self.final if final else [])
@@ -60,5 +62,5 @@ class DevEvaluation:
                     if scores.miou > best:
                         best = scores.miou
                         if self.best_path:
-                            save_model(frozen, self.config, self.best_path)
+                            save_model(frozen, self.config, self.best_path, step=step)
         return out, best

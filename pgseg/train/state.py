@@ -66,4 +66,4 @@ def export_model(folder: str | Path, config: Config, path: str | Path) -> Path:
     state, _ = load_state(folder)
     model = PGSeg.from_config(config)
     model.load_state_dict(state["model"])
-    return save_model(model, config, path)
+    return save_model(model, config, path, step=state["step"])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pgseg.checkpoint import model_step
 from pgseg.config import Config, to_dict
 from pgseg.datasets import open_dataset
 from pgseg.fileio import atomic_write_bytes, atomic_write_json
@@ -190,8 +191,8 @@ def stage_evaluate(ctx: Context) -> StageRecord:
         if result.hint():
             ctx.printer(f"hint: {result.hint()}")
         result.write(out)  # table, figures and overlays (image | ground truth | prediction)
-        if ctx.tracker and train.run_id:
-            log_eval(result, ctx.tracker.uri, run_id=train.run_id)
+        if ctx.tracker and train.run_id:  # at the step the model was taken at: the training run's own final
+            log_eval(result, ctx.tracker.uri, run_id=train.run_id, step=model_step(model))  # figures are the last's
         results[dataset.name] = {**result.figures(), "model": model}
         metrics[f"eval/{dataset.name}/mIoU"] = result.scores.miou
         metrics[f"eval/{dataset.name}/all_background_mIoU"] = result.baseline_miou

@@ -156,7 +156,7 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
         if scorer is not None and eval_now:  # every rank scores its share: none waits long in a collective
             started = time.perf_counter()
             before_eval = best
-            latest_eval, best = scorer(step_fn.model, best, final=step == total)
+            latest_eval, best = scorer(step_fn.model, best, final=step == total, step=step)
             if best_file is not None and best > before_eval:  # a new best: into the run's storage, for every node
                 put_file(best_file, loop.best_model)
             metrics.update(latest_eval)

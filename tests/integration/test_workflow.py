@@ -73,7 +73,15 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     train_runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "wf"]
     assert [r.info.run_id for r in train_runs] == [train_id]
     assert train_runs[0].data.tags["mlflow.parentRunId"] == wf.info.run_id
-    assert train_runs[0].data.metrics["eval/val/mIoU"] == pytest.approx(results["val"]["miou"])
+    # the training run's val mIoU, step by step: the final model's (scored by training, eval.final_datasets) at the
+    # last step, and the evaluated model's (the best by dev) at the step it was taken at
+    from pgseg.checkpoint import model_step
+
+    val_history = [(m.step, m.value) for m in client.get_metric_history(train_id, "eval/val/mIoU")]
+    evaluated_at = model_step(results["val"]["model"])
+    assert results["val"]["model"].endswith("model_best.safetensors") and evaluated_at in (8, 16)
+    assert any(s == evaluated_at and v == pytest.approx(results["val"]["miou"]) for s, v in val_history), val_history
+    assert max(s for s, _ in val_history) == 16 and model_step(root / "runs" / "wf" / "model.safetensors") == 16
     assert wf.data.metrics["eval/val/mIoU"] == pytest.approx(results["val"]["miou"])
     history = client.get_metric_history(train_id, "eval/dev/mIoU")  # scored during training (every 8 steps)
     assert sorted(m.step for m in history) == [8, 16]
@@ -81,6 +89,7 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     from pgseg.analyze import oracle_confusion
     from pgseg.checkpoint import load_model
     from pgseg.datasets import voc
+    from pgseg.evaluate import confusion_in_process
     from pgseg.segment import ProtocolSettings, background_threshold
 
     oracle = {m.step: m.value for m in client.get_metric_history(train_id, "eval/dev/oracle_mIoU")}
@@ -100,6 +109,8 @@ def test_failed_stage_is_redone_and_a_finished_workflow_skips_everything(ray_loc
     val = voc(root / "shapes" / "val")
     analysis = json.loads((root / "analyze" / "results.json").read_text())["val"]
     val_settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval, val.bg_thresh))
+    final_val = confusion_in_process(final, val, val_settings).scores().miou
+    assert [v for s, v in val_history if s == 16] == pytest.approx([final_val] * sum(s == 16 for s, _ in val_history))
     assert analysis["oracle_miou"] == pytest.approx(oracle_confusion(final, val, val_settings).scores().miou)
     assert (root / "analyze" / "val" / "groups.png").read_bytes()[:4] == b"\x89PNG"
     train_run = client.get_run(train_id)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pgseg.checkpoint import (CheckpointError, extract_state_dict, init_from_checkpoint, load_model, load_released,
-                              read_checkpoint_file, read_model_config, save_model)
+                              model_step, read_checkpoint_file, read_model_config, save_model)
 from pgseg.config import load_config
 from pgseg.model import PGSeg
 
@@ -102,6 +102,8 @@ def test_own_format_round_trip_and_refusals(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     loaded, loaded_config = load_model(path)
     assert loaded_config.npr.phi == 0.25
+    assert model_step(path) is None  # not a trained model's: no step
+    assert model_step(save_model(model, config, tmp_path / "at.safetensors", step=12)) == 12
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(images).x, model.encode_image(images).x)

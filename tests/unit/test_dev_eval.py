@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pgseg.checkpoint import model_step
 from pgseg.config import ConfigError, load_config
 from pgseg.datasets import open_dataset
 from pgseg.evaluate import confusion_in_process
@@ -29,9 +30,9 @@ def test_final_sets_are_scored_only_on_the_final_model_and_pick_nothing(sets, tm
     model = PGSeg.from_config(config).eval()
     best_file = tmp_path / "best.safetensors"
     scorer = DevEvaluation(config, str(best_file))
-    during, best = scorer(model, float("-inf"))
+    during, best = scorer(model, float("-inf"), step=7)
     assert set(during) == {"eval/dev/mIoU", "eval/best_mIoU"} and best == during["eval/dev/mIoU"]
-    assert best_file.is_file()
+    assert best_file.is_file() and model_step(best_file) == 7  # the best model's file says when it was taken
     best_file.unlink()
     final, best_after = scorer(model, best + 1.0, final=True)  # not better than the best: nothing written
     assert set(final) == {"eval/dev/mIoU", "eval/last/mIoU", "eval/best_mIoU"} and not best_file.exists()
