@@ -199,5 +199,9 @@ def check_metric(spec: SweepSpec, eval_sets: list[str], final_sets: list[str]) -
         raise ConfigError(f"metric: {spec.metric} is scored once, by the final model (eval.final_datasets); the "
                           f"{spec.scheduler} scheduler compares trials during training: name a set of eval.datasets "
                           f"or use scheduler: none")
+    if spec.metric == "eval/best_mIoU" and not eval_sets:
+        raise ConfigError("metric: eval/best_mIoU is the best mIoU of the first of eval.datasets during training; "
+                          "the trials' config has only eval.final_datasets: name one of those sets "
+                          f"(eval/{final_sets[0]}/mIoU) or add eval.datasets")
     if spec.metric != "eval/best_mIoU" and (len(parts) != 3 or parts[2] != "mIoU"):
         raise ConfigError(f"metric: {spec.metric}: expected eval/<set>/mIoU or eval/best_mIoU")

@@ -149,3 +149,7 @@ def test_a_metric_scored_only_by_the_final_model_needs_no_scheduler(tmp_path):
     with pytest.raises(ConfigError, match=r"eval/final/mIoU is scored once, by the final model .* asha scheduler"):
         check_metric(asha, ["dev"], ["final"])
     check_metric(load_sweep(_write(tmp_path, metric="eval/dev/mIoU", seeds=[0, 1], scheduler="asha")), ["dev"], ["final"])
+    best = load_sweep(_write(tmp_path, metric="eval/best_mIoU", seeds=[0, 1]))
+    check_metric(best, ["dev"], [])
+    with pytest.raises(ConfigError, match="eval/best_mIoU .* only eval.final_datasets.*eval/final/mIoU"):
+        check_metric(best, [], ["final"])  # nothing would ever report it
