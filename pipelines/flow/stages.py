@@ -176,6 +176,7 @@ def stage_evaluate(ctx: Context) -> StageRecord:
     section = ctx.experiment.evaluate
     train = ctx.records["train"]
     model = trained_model(ctx, section.model)
+    step = model_step(model)  # the training step the model was taken at (read once, for every set)
     e = ctx.train_config.eval
     out = ctx.root / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +192,8 @@ def stage_evaluate(ctx: Context) -> StageRecord:
         if result.hint():
             ctx.printer(f"hint: {result.hint()}")
         result.write(out)  # table, figures and overlays (image | ground truth | prediction)
-        if ctx.tracker and train.run_id:  # at the step the model was taken at: the training run's own final
-            log_eval(result, ctx.tracker.uri, run_id=train.run_id, step=model_step(model))  # figures are the last's
+        if ctx.tracker and train.run_id:  # at the model's step: the training run's final figures are the last's
+            log_eval(result, ctx.tracker.uri, run_id=train.run_id, step=step)
         results[dataset.name] = {**result.figures(), "model": model}
         metrics[f"eval/{dataset.name}/mIoU"] = result.scores.miou
         metrics[f"eval/{dataset.name}/all_background_mIoU"] = result.baseline_miou
