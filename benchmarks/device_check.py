@@ -7,8 +7,9 @@
 2. the paper-size training step (the trainer's pgseg.train.TrainStep: pgseg_vit_s at 224, bf16 autocast, clipping,
    AdamW with its schedule, prototype EMA): images/s and peak memory with NPR in official mode, in paper mode, and
    without NPR (GroupViT), side by side, with ratios;
-3. the batched Hungarian solver (64×64 cost matrices, batch 256) on the device, against the CPU backend and SciPy
-   per matrix, same assignments checked;
+3. exact matching of 256 and 1024 cost matrices of 64×64 on the device (``benchmarks.matching.compare``: the
+   release's SciPy per image with a copy each, our two solvers, torch-linear-assignment's GPU kernel), the same
+   batch from host memory beside it, assignments checked against SciPy's;
 4. the zero-shot protocol on a 500×375 image (VOC's usual size) with VOC's 20 classes: seconds per image.
 
 Each part is timed after a warm-up; a part that fails records its error and the others still run. The figures go to
@@ -110,29 +111,13 @@ def training_steps(device: torch.device, batch: int, repeats: int) -> dict:
 
 
 def matching(device: torch.device, repeats: int) -> dict:
-    import numpy as np
-    from scipy.optimize import linear_sum_assignment as scipy_lsa
+    from benchmarks.matching import compare
 
-    from pgseg.model.matching import linear_sum_assignment
-
-    cost = torch.rand(256, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = {"batch": 256, "size": 64}
-    gpu_cols = None
-    if device.type == "cuda":
-        on_device = cost.to(device)
-        out["device_s"] = _timed(lambda: linear_sum_assignment(on_device), device, repeats)
-        gpu_cols = linear_sum_assignment(on_device)[1].cpu()
-    out["cpu_numba_s"] = _timed(lambda: linear_sum_assignment(cost), torch.device("cpu"), repeats)
-    cpu_cols = linear_sum_assignment(cost)[1]
-    arrays = cost.numpy()
-    out["scipy_loop_s"] = _timed(lambda: [scipy_lsa(c) for c in arrays], torch.device("cpu"), repeats)
-    scipy_cols = torch.from_numpy(np.stack([scipy_lsa(c)[1] for c in arrays]))
-    out["cpu_same_as_scipy"] = bool(torch.equal(cpu_cols, scipy_cols))
-    if gpu_cols is not None:
-        out["device_same_as_scipy"] = bool(torch.equal(gpu_cols, scipy_cols))
-        out["scipy_over_device"] = out["scipy_loop_s"] / out["device_s"]
-    out["scipy_over_cpu_numba"] = out["scipy_loop_s"] / out["cpu_numba_s"]
-    return out
+    rows = compare(device, batches=(256, 1024), sizes=(64,), repeats=repeats)
+    if device.type == "cuda":  # the same problems from host memory: what the copy to the host costs
+        rows += [{**row, "from_host": True} for row in compare(torch.device("cpu"), batches=(256,), sizes=(64,),
+                                                                 repeats=repeats)]
+    return {"rows": rows}
 
 
 def segmentation_speed(device: torch.device, repeats: int) -> dict:

@@ -88,7 +88,8 @@ def noun_groups(groups: torch.Tensor, nouns: torch.Tensor, ids: torch.Tensor) ->
 
     cos = torch.einsum("ngd,nkd->ngk", groups.detach(), nouns.detach())
     best = cos.argmax(dim=1)  # [N, K]
-    rows, cols = linear_sum_assignment(cos.masked_fill((ids < 0)[:, None, :], -4.0), maximize=True)  # < any cosine
+    cost = cos.masked_fill((ids < 0)[:, None, :], -4.0)  # < any cosine
+    rows, cols = linear_sum_assignment(cost, maximize=True, ties="any")
     return best.scatter(1, cols, rows)
 
 

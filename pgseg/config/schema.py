@@ -144,6 +144,8 @@ class NPRConfig:
     start_step: int = 0  # ... and from this global step (both must be reached)
     # behaviours that differ between the paper and the released code (None = follow mode)
     matching: Literal["max_similarity", "min_similarity"] | None = None
+    # among equally good assignments: scipy's choice (the release's T-NPR ±1 costs tie everywhere) or any, faster
+    matching_ties: Literal["scipy", "any"] | None = None
     hrs_rule: Literal["matched_pair", "column0"] | None = None
     pg_reduction: Literal["per_image_mean", "pooled"] | None = None
     image_ema: bool | None = None
@@ -157,6 +159,7 @@ class NPRConfig:
         defaults = {
             "pg_temperature": "learnable" if official else "fixed",
             "matching": "min_similarity" if official else "max_similarity",
+            "matching_ties": "scipy" if official else "any",
             "hrs_rule": "column0" if official else "matched_pair",
             "pg_reduction": "pooled" if official else "per_image_mean",
             "image_ema": not official,

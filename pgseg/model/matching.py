@@ -1,12 +1,15 @@
-"""Batched exact linear assignment: the shortest-augmenting-path algorithm that
-``scipy.optimize.linear_sum_assignment`` runs (Crouse 2016, scipy's tie-breaking included), compiled with numba
-and spread over the cores (``prange``), one call per batch. It returns what scipy returns, ties included (the
-released code's T-NPR cost matrices are all ±1).
+"""Batched exact linear assignment, one call per batch (never a Python loop over images, never a host sync per
+image: a GPU batch is copied to the host once), in two flavours:
 
-Why not call scipy per image: that is a Python loop over the batch, with a device→host copy and sync per image.
-A GPU batch is copied to the host once and solved there: a lock-step GPU version of the same search (one kernel
-sequence per augmenting step) took 0.92 s for 256 problems of 64×64 on an H200, this one 0.010 s on its host and
-SciPy's loop 0.030 s (``results/device_check.json``).
+- ``ties="scipy"``: the shortest-augmenting-path algorithm that ``scipy.optimize.linear_sum_assignment`` runs (Crouse
+  2016), compiled with numba and spread over the cores (``prange``). It returns what scipy returns, ties included:
+  the released code's T-NPR cost matrices are all ±1, so official mode needs scipy's choice among equal optima.
+- ``ties="any"``: an optimal assignment by lapx's batched Jonker-Volgenant solver (``lap.lapjvr_batch``, native
+  threads). Where the optimum is unique it is scipy's; among equal optima it may pick another (paper mode only asks
+  for an optimal one). Faster per core than scipy's algorithm (``python -m benchmarks.matching``).
+
+A lock-step GPU version of the search (one kernel sequence per augmenting step) took 0.92 s for 256 problems of 64×64
+on an H200; the host solve of the same batch 0.010 s, SciPy's loop 0.030 s (``results/device_check.json``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ if os.environ.get("NUMBA_THREADING_LAYER") is None:
     # worker would then run torch on every core); the workqueue layer keeps to itself
     numba.config.THREADING_LAYER = "workqueue"
 
+from typing import Literal  # noqa: E402
+
+import lap  # noqa: E402  (lapx)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -51,14 +57,18 @@ def _solve_one(cost: np.ndarray, col4row: np.ndarray) -> None:  # pragma: no cov
             index = -1
             lowest = np.inf
             sr[i] = True
+            ci = c[i]
+            ui = u[i]
             for it in range(nrem):
                 j = rem[it]
-                r = min_val + c[i, j] - u[i] - v[j]
-                if r < spc[j]:
+                r = min_val + ci[j] - ui - v[j]  # scipy's order of operations: its rounding, its ties
+                s = spc[j]
+                if r < s:
                     path[j] = i
                     spc[j] = r
-                if spc[j] < lowest or (spc[j] == lowest and row4col[j] == -1):
-                    lowest = spc[j]
+                    s = r
+                if s < lowest or (s == lowest and row4col[j] == -1):
+                    lowest = s
                     index = it
             min_val = lowest
             j = rem[index]
@@ -95,38 +105,51 @@ def _solve_batch_cpu(cost: np.ndarray) -> np.ndarray:  # pragma: no cover - comp
     return out
 
 
-def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact assignment for each matrix of a batch, as ``scipy.optimize.linear_sum_assignment`` returns it.
+Ties = Literal["scipy", "any"]
+SERIAL_BELOW = 1 << 18  # entries × the smaller side: below it, one thread (measured: benchmarks.matching)
+
+
+def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False,
+                          ties: Ties = "scipy") -> tuple[torch.Tensor, torch.Tensor]:
+    """An exact assignment for each matrix of a batch.
 
     Args:
         cost: [B, R, C] (or [R, C]); any float dtype, solved in float64 like scipy.
         maximize: maximise the total instead of minimising it.
+        ties: ``"scipy"``: what ``scipy.optimize.linear_sum_assignment`` returns, ties included; ``"any"``: an
+            optimal assignment (the same where the optimum is unique), faster.
     Returns:
         (rows, cols), each [B, min(R, C)] long, rows ascending: row ``rows[b, k]`` is paired with ``cols[b, k]``.
     """
+    if ties not in ("scipy", "any"):
+        raise ValueError(f"linear_sum_assignment: ties must be 'scipy' or 'any', got {ties!r}")
     if cost.ndim == 2:
-        rows, cols = linear_sum_assignment(cost[None], maximize)
+        rows, cols = linear_sum_assignment(cost[None], maximize, ties)
         return rows[0], cols[0]
     if cost.ndim != 3:
         raise ValueError(f"linear_sum_assignment: expected [B, R, C], got shape {tuple(cost.shape)}")
-    if not torch.isfinite(cost).all():
-        raise ValueError("linear_sum_assignment: the cost matrix contains NaN or infinite entries")
     b, nr, nc = cost.shape
     dev = cost.device
-    if b == 0 or nr == 0 or nc == 0:
+    transposed = nc < nr
+    work = cost.detach().transpose(1, 2) if transposed else cost.detach()
+    work = work.to("cpu", torch.float64).numpy()  # one device→host copy for the whole batch
+    work = np.ascontiguousarray(-work if maximize else work)
+    if not np.isfinite(work).all():
+        raise ValueError("linear_sum_assignment: the cost matrix contains NaN or infinite entries")
+    if work.size == 0:
         empty = torch.zeros(b, 0, dtype=torch.long, device=dev)
         return empty, empty.clone()
-    work = cost.detach().to(torch.float64)
-    transposed = nc < nr
-    if transposed:
-        work = work.transpose(1, 2)
-    if maximize:
-        work = -work
-    # as many threads as torch may use here (a Ray worker with 1 CPU gets 1): idle pool threads would spin
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    col4row = torch.from_numpy(_solve_batch_cpu(np.ascontiguousarray(work.cpu().numpy()))).to(dev)  # [B, min(R, C)]
-    ids = torch.arange(col4row.shape[1], device=dev).expand_as(col4row)
-    if not transposed:
-        return ids.clone(), col4row
-    order = col4row.argsort(dim=1)
-    return col4row.gather(1, order), ids.gather(1, order)
+    # as many threads as torch may use here (a Ray worker with 1 CPU gets 1: idle pool threads would spin), and
+    # one for a batch too small to be worth a thread pool's start-up
+    threads = max(1, torch.get_num_threads()) if work.size * min(nr, nc) >= SERIAL_BELOW else 1
+    if ties == "scipy":
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        found = _solve_batch_cpu(work)
+    else:
+        _, cols = lap.lapjvr_batch(work, extend_cost=True, return_cost=False, n_threads=threads)
+        found = np.stack(cols)
+    rows, cols = np.broadcast_to(np.arange(found.shape[1]), found.shape), found  # [B, min(R, C)]
+    if transposed:  # solved as [B, C, R]: found holds the rows of the columns in order; list them by row
+        order = found.argsort(axis=1)
+        rows, cols = np.take_along_axis(found, order, 1), np.take_along_axis(rows, order, 1)
+    return torch.from_numpy(np.ascontiguousarray(rows)).to(dev), torch.from_numpy(np.ascontiguousarray(cols)).to(dev)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import ProjectMLP
-from .matching import linear_sum_assignment
+from .matching import Ties, linear_sum_assignment
 
 EM_EPS = 1e-6
 HRS_EPS = 1e-6
@@ -178,7 +178,8 @@ def _cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def pg_loss(centres: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor, *, maximize: bool,
-            hrs: bool, phi: float, hrs_rule: str, reduction: str, grad_eps: float = 1e-3) -> PGLoss:
+            hrs: bool, phi: float, hrs_rule: str, reduction: str, grad_eps: float = 1e-3,
+            ties: Ties = "scipy") -> PGLoss:
     """L_PG between group centres [B, G, C] and prototypes [B, M, C] (no gradient to the prototypes).
 
     Matched pairs (g_k, p_k) are positives; every other prototype (group) of the same image is a negative:
@@ -194,7 +195,7 @@ def pg_loss(centres: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor
     with torch.profiler.record_function("npr.matching"), torch.autocast(g.device.type, enabled=False):
         # a non-finite feature makes the loss non-finite (the trainer skips or stops); matching must not fail first
         similarity = torch.nan_to_num(g.detach() @ p.transpose(1, 2), nan=0.0, posinf=1.0, neginf=-1.0)
-        rows, cols = linear_sum_assignment(similarity, maximize=maximize)
+        rows, cols = linear_sum_assignment(similarity, maximize=maximize, ties=ties)
     g_pair, p_pair = _gather_rows(g, rows), _gather_rows(p, cols)  # [B, K, C]
     logits_g2p = scale * (g_pair @ p.transpose(1, 2))  # [B, K, M]
     logits_p2g = scale * (p_pair @ g.transpose(1, 2))  # [B, K, G]

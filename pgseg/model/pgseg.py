@@ -151,8 +151,8 @@ class PGSeg(nn.Module):
         if npr.enabled and self.npr_active(step, epoch) and (npr.i_npr or npr.t_npr):
             scale = self.pg_scale()
             metrics["pg_scale"] = scale.detach()
-            common = dict(maximize=npr.matching == "max_similarity", hrs=npr.hrs, phi=npr.phi,
-                          hrs_rule=npr.hrs_rule, reduction=npr.pg_reduction, grad_eps=npr.grad_eps)
+            common = dict(maximize=npr.matching == "max_similarity", ties=npr.matching_ties, hrs=npr.hrs,
+                          phi=npr.phi, hrs_rule=npr.hrs_rule, reduction=npr.pg_reduction, grad_eps=npr.grad_eps)
             if npr.i_npr:
                 for s, st in enumerate(stages):
                     result = pg_loss(st.assignment.centres, st.prototypes, scale, **common)

@@ -38,14 +38,28 @@ def test_identical_to_scipy_including_ties(shape, kind, maximize):
     ref_rows, ref_cols = _scipy(cost, maximize)
     np.testing.assert_array_equal(rows.numpy(), ref_rows)
     np.testing.assert_array_equal(cols.numpy(), ref_cols)
+    # any optimal assignment: scipy's where the optimum is unique, an equally good one where it ties
+    rows, cols = linear_sum_assignment(cost, maximize=maximize, ties="any")
+    if kind == "normal":
+        np.testing.assert_array_equal(rows.numpy(), ref_rows)
+        np.testing.assert_array_equal(cols.numpy(), ref_cols)
+    else:
+        k = min(shape[1:])
+        assert all(len(set(r)) == len(set(c)) == k for r, c in zip(rows.tolist(), cols.tolist()))
+        assert (rows.diff(dim=1) > 0).all()  # rows ascending, as scipy gives them
+        batch = torch.arange(shape[0])[:, None]
+        totals = cost.double()[batch, rows, cols].sum(1)
+        ref_totals = cost.double()[batch, torch.from_numpy(ref_rows), torch.from_numpy(ref_cols)].sum(1)
+        np.testing.assert_allclose(totals.numpy(), ref_totals.numpy(), atol=1e-9)
 
 
 @pytest.mark.parametrize("shape", [(3, 3), (4, 4), (5, 5), (3, 5), (5, 3)])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_optimal_against_brute_force(shape, maximize):
+@pytest.mark.parametrize("ties", ["scipy", "any"])
+def test_optimal_against_brute_force(shape, maximize, ties):
     for kind in ("normal", "small_integers", "signs"):
         cost = GENERATORS[kind]((12, *shape))
-        rows, cols = linear_sum_assignment(cost, maximize=maximize)
+        rows, cols = linear_sum_assignment(cost, maximize=maximize, ties=ties)
         assert rows.shape == (12, min(shape))
         for b in range(cost.shape[0]):
             assert len(set(cols[b].tolist())) == min(shape) and len(set(rows[b].tolist())) == min(shape)
@@ -54,6 +68,8 @@ def test_optimal_against_brute_force(shape, maximize):
 
 
 def test_bad_input():
+    with pytest.raises(ValueError, match="ties must be 'scipy' or 'any'"):
+        linear_sum_assignment(torch.zeros(1, 2, 2), ties="lapjv")
     with pytest.raises(ValueError, match="NaN or infinite"):
         linear_sum_assignment(torch.tensor([[[0.0, float("nan")], [1.0, 2.0]]]))
     with pytest.raises(ValueError, match=r"expected \[B, R, C\]"):
