@@ -318,7 +318,9 @@ class TrainConfig:
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 autocast on a GPU that has it (fp16 with the gradient scaler on one that has not), fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the model (inductor); the matching's host solve stays outside the graph
     seed: int = 0
     checkpoint_every: int = 1000  # steps
     keep_checkpoints: int = 3

@@ -87,6 +87,13 @@ class PGSeg(nn.Module):
         out = self.img_encoder(images)
         return ImageEmbedding(self.img_projector(out.pooled), self.img_projector(out.tokens) if groups else None, out)
 
+    def compile_encoders(self) -> None:
+        """torch.compile (in place: the parameter names stay) the image and text encoders, where a step's time goes.
+        The losses stay eager: NPR's matching is solved on the host, and the T-NPR gradient-norm metric takes a
+        second backward (``retain_graph``) that a compiled graph's donated buffers would not allow."""
+        self.img_encoder.compile()
+        self.text_encoder.compile()
+
     def sync_batchnorm(self) -> None:
         """Multi-GPU: the image and text projectors' BatchNorm over the global batch (SyncBatchNorm), as the
         release; the NPR ``mapping_x`` BatchNorms stay per-rank, as they are there."""

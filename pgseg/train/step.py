@@ -44,6 +44,16 @@ class StepResult:
         return float("nan") if self.norm is None else float(self.norm)
 
 
+def step_precision(precision: str, device: torch.device) -> str:
+    """fp32, bf16 or fp16: what ``train.precision`` means on ``device`` (auto: bf16 autocast on a GPU that has it,
+    fp16 with the gradient scaler on one that has not, fp32 elsewhere)."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 class TrainStep:
     """Build once per rank; call once per batch (``{"image": [B,3,S,S], "tokens": [B,L], "nouns": [B,K,L]?,
     "noun_ids": [B,K]?}``).
@@ -65,11 +75,14 @@ class TrainStep:
         if t.use_gpu and world.world > 1:  # batch statistics of the projectors over the global batch (CUDA only)
             model.sync_batchnorm()
         self.model = model.to(self.device)
+        if t.compile:
+            self.model.compile_encoders()
         self.optimizer = build_optimizer(self.model, config, self.global_batch)
         self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch, self.global_batch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.precision = step_precision(t.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         torch.manual_seed(t.seed * 1000 + world.rank)  # Gumbel noise and dropout differ across ranks
         npr = config.npr.resolved()
         delayed = npr.enabled and (npr.start_epoch > 0 or npr.start_step > 0)  # the graph grows when NPR starts

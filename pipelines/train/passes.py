@@ -43,6 +43,7 @@ def pass_batches(ingest: Ingest, world: Collectives, reserved: ExecutionResource
     while True:
         part = pass_split(ingest, pass_index, world, reserved)
         stream = part.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                         pin_memory=device.type == "cuda",  # then copied without blocking
                                          local_shuffle_buffer_size=shuffle_buffer or None,
                                          local_shuffle_seed=None if seed is None else seed * 1_000_003 + pass_index)
         n, held = 0, None

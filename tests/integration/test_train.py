@@ -254,6 +254,41 @@ def test_mixed_precision_steps_update_the_model(precision):
     assert stepper.scaler.is_enabled() == (precision == "fp16")
 
 
+def test_auto_precision_is_fp32_on_cpu_and_bf16_or_fp16_on_a_gpu():
+    from pgseg.train.step import step_precision
+
+    assert TrainStep(load_config("tiny"), steps_per_epoch=10).precision == "fp32"  # the default: auto
+    assert step_precision("auto", torch.device("cpu")) == "fp32" and step_precision("fp16", torch.device("cpu")) == "fp16"
+    if torch.cuda.is_available():
+        assert step_precision("auto", torch.device("cuda")) == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+
+@pytest.mark.slow
+def test_compiled_encoders_train_as_the_eager_ones(monkeypatch):
+    """train.compile: the encoders compiled by inductor (on CPU too); with inductor drawing its random numbers as
+    eager does (Gumbel noise), three steps give the eager losses and weights up to float noise (which the hard
+    assignment can turn into a token in another group: a few 1e-4 of the loss), and the state dict keeps the
+    released parameter names."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    losses, states, moves = {}, {}, {}
+    for compiled in (False, True):
+        config = load_config("tiny", [f"train.compile={str(compiled).lower()}"])
+        stepper = TrainStep(config, steps_per_epoch=10)
+        start = torch.cat([p.detach().flatten().clone() for p in stepper.params])
+        torch.manual_seed(1)
+        batch = _batch(config)
+        torch.manual_seed(2)
+        torch._dynamo.utils.counters.clear()
+        losses[compiled] = [stepper(batch, step).losses["loss"] for step in range(3)]
+        assert (torch._dynamo.utils.counters["frames"]["ok"] > 0) == compiled  # dynamo captured the encoders
+        states[compiled] = stepper.model.state_dict()
+        moves[compiled] = torch.cat([p.detach().flatten() for p in stepper.params]) - start
+    assert losses[True] == pytest.approx(losses[False], rel=2e-3)
+    assert list(states[True]) == list(states[False])
+    # the weights went the same way (AdamW's early steps are ±lr per weight, so single weights may differ by one)
+    assert torch.nn.functional.cosine_similarity(moves[True], moves[False], dim=0) > 0.99
+
+
 def test_the_prototype_ema_moves_only_with_an_applied_step():
     """fp16: the GradScaler skips the first steps (scale 2^16 overflows the gradients) and lowers its scale; the
     image and text prototypes stay where they were on those steps and move on the first step it applies."""
