@@ -1,30 +1,160 @@
-"""Images/s of a pgseg_vit_s training step (pgseg.train.TrainStep: forward, backward, clipping, AdamW, EMA) at batch 16,
-fp32, CPU.
+"""The pgseg_vit_s training step (pgseg.train.TrainStep: forward, backward, clipping, AdamW, EMA), side by side in one
+run, alternating rounds, medians:
 
-    python -m benchmarks.step [--batch 16] [--steps 3]
+- ``release_way``: our model run the way the released code runs it — attention written out (softmax(QKᵀ/√d)·V, in
+  timm's blocks and in ours), the Hungarian matching by SciPy one image at a time with a device→host copy each, and
+  AdamW's per-parameter loop (torch 1.8's only one). The released module itself is not in this repository (we do not
+  copy its code); this is the stated stand-in.
+- ``ours``: the defaults (fused attention, batched matching, fused AdamW);
+- ``ours_compiled``: the same with ``train.compile: true`` (its compile is a warm-up, not timed);
+- ``groupvit``: ours without NPR (``groupvit_vit_s``), for what NPR costs against what it adds in FLOPs
+  (torch.utils.flop_counter; the solver on the host is not a FLOP it counts).
+
+Writes the times, the ratios and the top operators of one profiled ``ours`` step (with NPR's parts and the
+optimiser's step as regions, by their record_function names) to ``results/step-<device>.json``.
+
+    python -m benchmarks.step [--batch 16] [--rounds 5] [--variants release_way,ours,ours_compiled,groupvit]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
+from datetime import datetime, timezone
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import median, time_call, training_step
+from benchmarks.record import REPO, commit_state, write_record
+
+VARIANTS = ("release_way", "ours", "ours_compiled", "groupvit")
+
+
+def _written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                           **_: object) -> torch.Tensor:
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return torch.nn.functional.dropout(attn.softmax(dim=-1), dropout_p) @ v
+
+
+def _per_image_scipy(cost: torch.Tensor, maximize: bool = False, ties: str = "scipy") -> tuple[torch.Tensor, ...]:
+    from scipy.optimize import linear_sum_assignment
+
+    pairs = [linear_sum_assignment(c.detach().cpu().numpy(), maximize=maximize) for c in cost]
+    return tuple(torch.from_numpy(np.stack(x)).to(cost.device) for x in zip(*pairs))
+
+
+@contextlib.contextmanager
+def release_way() -> Iterator[None]:
+    """Build and run models inside this the release's way (see the module's docstring)."""
+    import timm.layers
+
+    import pgseg.model.layers as layers
+    import pgseg.model.npr as npr
+    import pgseg.train.optim as optim
+    import pgseg.train.step as step
+
+    def looped_adamw(model, config, global_batch):
+        o = config.optim
+        return torch.optim.AdamW(optim.parameter_groups(model, o.weight_decay),
+                                 lr=optim.scaled_rates(config, global_batch).lr, betas=tuple(o.betas), eps=o.eps,
+                                 foreach=False, fused=False)
+
+    saved = (layers.F, npr.linear_sum_assignment, step.build_optimizer)
+    functional = type("F", (), {"scaled_dot_product_attention": staticmethod(_written_out_attention),
+                                "__getattr__": lambda self, name: getattr(torch.nn.functional, name)})()
+    timm.layers.set_fused_attn(False)  # timm's blocks read it when built
+    layers.F, npr.linear_sum_assignment, step.build_optimizer = functional, _per_image_scipy, looped_adamw
+    try:
+        yield
+    finally:
+        layers.F, npr.linear_sum_assignment, step.build_optimizer = saved
+        timm.layers.set_fused_attn(True)
+
+
+def _build(name: str, batch: int, device: str) -> Callable[[], None]:
+    preset = "groupvit_vit_s" if name == "groupvit" else "pgseg_vit_s"
+    overrides = ("train.compile=true",) if name == "ours_compiled" else ()
+    if name == "release_way":
+        with release_way():
+            step, _, _ = training_step(preset, batch, overrides, device=device)
+            step()  # the warm-up, still the release's way
+
+        def run() -> None:
+            with release_way():
+                step()
+        return run
+    step, _, _ = training_step(preset, batch, overrides, device=device)
+    step()  # warm-up (the compile of ours_compiled)
+    return step
+
+
+def _flops(step: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _profile(step: Callable[[], None], rows: int = 25) -> list[dict]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    named = [e for e in prof.key_averages() if e.key.startswith(("npr.", "Optimizer.step"))]
+    top = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+            "self_share": e.self_cpu_time_total / total} for e in events[:rows]]
+    parts = [{"op": e.key, "calls": e.count, "total_ms": e.cpu_time_total / 1e3} for e in named]
+    return top + [{"op": "-- regions (inclusive) --"}] + parts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="pgseg_vit_s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="default: results/step-<device>.json")
     args = parser.parse_args()
+    names = [n for n in args.variants.split(",") if n]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
     torch.manual_seed(0)
-    step, _, _ = training_step(args.preset, args.batch)
-    step()  # warm-up
-    times = [time_call(step) for _ in range(args.steps)]
-    t = median(times)
-    print(f"{args.preset} batch {args.batch} fp32 on {torch.get_num_threads()} CPU threads: "
-          f"{t:.2f} s/step, {args.batch / t:.2f} images/s (median of {args.steps})")
+    steps = {name: _build(name, args.batch, args.device) for name in names}
+    flops = {name: _flops(steps[name]) for name in ("ours", "groupvit") if name in steps}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):  # alternating rounds
+        for name, step in steps.items():
+            times[name].append(time_call(step))
+    seconds = {name: median(t) for name, t in times.items()}
+    ratios = {}
+    if "release_way" in seconds:
+        ratios.update({f"release_way_over_{n}": seconds["release_way"] / seconds[n] for n in ("ours", "ours_compiled")
+                       if n in seconds})
+    if {"ours", "groupvit"} <= set(seconds):
+        ratios["npr_time_ratio"] = seconds["ours"] / seconds["groupvit"]
+        ratios["npr_flops_ratio"] = flops["ours"] / flops["groupvit"]
+        ratios["npr_time_over_flops"] = ratios["npr_time_ratio"] / ratios["npr_flops_ratio"]
+    for name in names:
+        print(f"{name:14s} {seconds[name]:.3f} s/step  {args.batch / seconds[name]:.2f} images/s")
+    for key, value in ratios.items():
+        print(f"{key}: {value:.3f}")
+    profile = _profile(steps["ours"]) if "ours" in steps else []
+    commit, dirty = commit_state()
+    write_record(args.out or REPO / "results" / f"step-{args.device}.json", {
+        "command": "python -m benchmarks.step " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
+        "commit": commit, "dirty": dirty, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "preset": "pgseg_vit_s (groupvit: groupvit_vit_s)", "batch": args.batch, "precision": "fp32",
+        "rounds": args.rounds, "seconds_per_step": seconds, "all_seconds": times,
+        "images_per_s": {n: args.batch / s for n, s in seconds.items()},
+        "flops_per_step": flops, "ratios": {k: v for k, v in ratios.items() if math.isfinite(v)},
+        "profile_ours": profile})
 
 
 if __name__ == "__main__":
