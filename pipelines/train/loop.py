@@ -90,8 +90,8 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
     stop_at = min(total, t.stop_after or total)
     e = config.eval
     eval_every = e.every_steps or e.every_epochs * steps_per_epoch if e.datasets else 0
-    best_file = Path(tempfile.mkdtemp(prefix="pgseg-best-")) / "model_best.safetensors" \
-        if rank == 0 and eval_every else None  # written here, then put into the run's storage
+    best_dir = tempfile.TemporaryDirectory(prefix="pgseg-best-") if rank == 0 and eval_every else None
+    best_file = Path(best_dir.name) / "model_best.safetensors" if best_dir else None  # then put into the storage
     scorer = DevEvaluation(config, str(best_file) if best_file else None, world) \
         if eval_every or e.final_datasets else None
     latest_eval: dict[str, float] = {}
@@ -114,59 +114,64 @@ def train_loop_per_worker(loop: LoopSettings) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_step{at_step:09d}")
 
-    while step < stop_at:
-        t0 = time.perf_counter()
-        before = position  # where the data stands without this batch
-        batch, position = next(stream)
-        timing["time/data"] += time.perf_counter() - t0
-        armed = kill_in_backward(step_fn.model, markers / f"killmid-{step + 1}-{rank}") \
-            if faults.get("killmid") == (step + 1, rank) else None
-        result = step_fn(batch, step, poison=faults.get("nan") == (step, rank))
-        if armed is not None:
-            armed.remove()
-        for key, value in result.seconds.items():
-            timing[key] += value
-        window_steps += 1
-        if not result.finite:
-            nonfinite += 1
-            log.warning("non-finite loss at step %d: %s", step, "step skipped" if t.nonfinite == "skip" else "stopping")
-            if t.nonfinite == "stop":  # a checkpoint of the last good state (this step changed nothing) says why
-                save({"step": step, "stopped": f"non-finite loss at step {step}", "nonfinite_steps": nonfinite},
-                     step, before)
-                break
-        step += 1
-        if "kill" in faults and faults["kill"] == (step, rank):
-            kill_once(markers / f"kill-{step}-{rank}")
-        checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at
-        # every checkpoint's report carries eval scores (a sweep's scheduler reads them): the first one scores
-        eval_now = step == total and bool(e.final_datasets) or bool(eval_every) and (
-            step % eval_every == 0 or step == total or (checkpoint_now and not latest_eval))
-        if not (checkpoint_now or eval_now or step % config.tracking.log_every == 0):
-            continue
-        now = time.perf_counter()
-        metrics: dict[str, Any] = {"step": step, "total_steps": total, "epoch": step / steps_per_epoch,
-                                   "lr": step_fn.optimizer.param_groups[0]["lr"], **result.losses,
-                                   "grad_norm": result.grad_norm, "global_batch": step_fn.global_batch,
-                                   "nonfinite_steps": nonfinite,
-                                   "images_per_s": window_steps * step_fn.global_batch / (now - window_start)}
-        metrics.update({k: float(v) for k, v in result.metrics.items()})
-        metrics.update({k: v / window_steps for k, v in timing.items()})
-        if rank == 0:
-            metrics.update({f"skips/{k}": v for k, v in loop.ingest.skips().items()})
-        if scorer is not None and eval_now:  # every rank scores its share: none waits long in a collective
-            started = time.perf_counter()
-            before_eval = best
-            latest_eval, best = scorer(step_fn.model, best, final=step == total, step=step)
-            if best_file is not None and best > before_eval:  # a new best: into the run's storage, for every node
-                put_file(best_file, loop.best_model)
-            metrics.update(latest_eval)
-            metrics["time/eval"] = time.perf_counter() - started
-        timing = dict.fromkeys(timing, 0.0)
-        window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < stop_at:
+            t0 = time.perf_counter()
+            before = position  # where the data stands without this batch
+            batch, position = next(stream)
+            timing["time/data"] += time.perf_counter() - t0
+            armed = kill_in_backward(step_fn.model, markers / f"killmid-{step + 1}-{rank}") \
+                if faults.get("killmid") == (step + 1, rank) else None
+            result = step_fn(batch, step, poison=faults.get("nan") == (step, rank))
+            if armed is not None:
+                armed.remove()
+            for key, value in result.seconds.items():
+                timing[key] += value
+            window_steps += 1
+            if not result.finite:
+                nonfinite += 1
+                log.warning("non-finite loss at step %d: %s", step,
+                            "step skipped" if t.nonfinite == "skip" else "stopping")
+                if t.nonfinite == "stop":  # a checkpoint of the last good state (this step changed nothing) says why
+                    save({"step": step, "stopped": f"non-finite loss at step {step}", "nonfinite_steps": nonfinite},
+                         step, before)
+                    break
+            step += 1
+            if "kill" in faults and faults["kill"] == (step, rank):
+                kill_once(markers / f"kill-{step}-{rank}")
+            checkpoint_now = step % t.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at
+            # every checkpoint's report carries eval scores (a sweep's scheduler reads them): the first one scores
+            eval_now = step == total and bool(e.final_datasets) or bool(eval_every) and (
+                step % eval_every == 0 or step == total or (checkpoint_now and not latest_eval))
+            if not (checkpoint_now or eval_now or step % config.tracking.log_every == 0):
+                continue
+            now = time.perf_counter()
+            metrics: dict[str, Any] = {"step": step, "total_steps": total, "epoch": step / steps_per_epoch,
+                                       "lr": step_fn.optimizer.param_groups[0]["lr"], **result.losses,
+                                       "grad_norm": result.grad_norm, "global_batch": step_fn.global_batch,
+                                       "nonfinite_steps": nonfinite,
+                                       "images_per_s": window_steps * step_fn.global_batch / (now - window_start)}
+            metrics.update({k: float(v) for k, v in result.metrics.items()})
+            metrics.update({k: v / window_steps for k, v in timing.items()})
+            if rank == 0:
+                metrics.update({f"skips/{k}": v for k, v in loop.ingest.skips().items()})
+            if scorer is not None and eval_now:  # every rank scores its share: none waits long in a collective
+                started = time.perf_counter()
+                before_eval = best
+                latest_eval, best = scorer(step_fn.model, best, final=step == total, step=step)
+                if best_file is not None and best > before_eval:  # a new best: into the run's storage, for every node
+                    put_file(best_file, loop.best_model)
+                metrics.update(latest_eval)
+                metrics["time/eval"] = time.perf_counter() - started
+            timing = dict.fromkeys(timing, 0.0)
+            window_start, window_steps = time.perf_counter(), 0
+            if metrics_log is not None:
+                metrics_log.log(step, {k: v for k, v in metrics.items() if k not in ("step", "total_steps")})
+            if checkpoint_now:  # Ray Train hears of metrics (and the latest eval scores, e.g. for Tune) with
+                save({**latest_eval, **metrics}, step, position)  # checkpoints only: a report is a barrier that
+                # costs about a second here, so per-step curves go to MLflow alone
         if metrics_log is not None:
-            metrics_log.log(step, {k: v for k, v in metrics.items() if k not in ("step", "total_steps")})
-        if checkpoint_now:  # Ray Train hears of metrics (and the latest eval scores, e.g. for Tune) with
-            save({**latest_eval, **metrics}, step, position)  # checkpoints only: a report is a barrier that
-            # costs about a second here, so per-step curves go to MLflow alone
-    if metrics_log is not None:
-        metrics_log.close()
+            metrics_log.close()
+    finally:
+        if best_dir is not None:  # the best model is in the run's storage by now
+            best_dir.cleanup()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,9 +179,11 @@ def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_
                          "train.checkpoint_every=100",
                          "data.batch_size=32", "train.name=slow-eval", "tracking.enabled=false")
     plan = plan_training(config)
+    scratch = set(Path(tempfile.gettempdir()).glob("pgseg-best-*"))
     result = fit(plan)
     assert result.finished
     assert result.metrics["time/eval"] > config.train.collective_timeout_s  # one rank alone would have timed out
+    assert set(Path(tempfile.gettempdir()).glob("pgseg-best-*")) <= scratch  # rank 0's scratch copy is gone
     dataset = open_dataset(f"voc:{dev}")
     settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval, dataset.bg_thresh))
     scores, _ = evaluate_in_process(load_model(plan.local_run_dir / BEST_MODEL_FILE)[0], dataset, settings)
