@@ -1,11 +1,11 @@
-"""Zero-shot evaluation in one process: one sample through the protocol (SPEC §6) into confusion counts, a small
+"""Zero-shot evaluation in one process: samples through the protocol (SPEC §6) into confusion counts, a small
 dataset scored in process (evaluation during training), and the result of an evaluation (its table, figures and
-overlays). The Ray Data evaluation of ``pipelines.evaluate`` runs :func:`score_sample` in its actors."""
+overlays). The Ray Data evaluation of ``pipelines.evaluate`` runs :func:`score_samples` in its actors."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch
 from .datasets import SegmentationDataset, read_mask
 from .fileio import atomic_write_bytes, atomic_write_json
 from .metrics import ConfusionMatrix, SegmentationScores
-from .segment import ProtocolSettings, Segmenter, read_image
+from .segment import ProtocolSettings, Segmenter, protocol_input, read_image
 
 
 def dataset_segmenter(model: Any, class_names: list[str], settings: ProtocolSettings) -> Segmenter:
@@ -22,23 +22,56 @@ def dataset_segmenter(model: Any, class_names: list[str], settings: ProtocolSett
     return Segmenter(model, names, settings)
 
 
-def score_sample(segmenter: Segmenter, image_path: str, mask_path: str, num_classes: int, reader: str,
-                 true_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
-    """One sample through the protocol: (confusion codes, their counts, predicted labels, the image, the ground
-    truth). Codes are ``target * num_classes + prediction`` over the pixels that are not 255."""
-    image = read_image(image_path)
-    target = read_mask(mask_path, num_classes, reader)
-    if target.shape != (image.height, image.width):
-        raise ValueError(f"{mask_path}: mask {target.shape} and image {(image.height, image.width)} differ")
+Scored = tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]  # codes, counts, labels, image, ground truth
+
+
+def score_samples(segmenter: Segmenter, samples: Sequence[tuple[str, str]], num_classes: int, reader: str,
+                  true_labels: bool) -> list[Scored | ValueError | OSError]:
+    """Several (image path, mask path) through the protocol together (their windows batched): per sample, (confusion
+    codes, their counts, predicted labels, the image, the ground truth), or the error that its files gave. Codes are
+    ``target * num_classes + prediction`` over the pixels that are not 255."""
     bg = segmenter.settings.bg_thresh is not None
-    candidates = None
-    if true_labels:  # True Label Guidance: only the classes of the ground truth compete
-        present = np.unique(target[(target != 255) & (target > (0 if bg else -1))])
-        candidates = [int(c) - (1 if bg else 0) for c in present] or None
-    labels = segmenter(image, candidates).labels.numpy()
-    valid = target != 255
-    codes, counts = np.unique(target[valid].astype(np.int64) * num_classes + labels[valid], return_counts=True)
-    return codes, counts, labels, image, target
+    read: list[tuple[Any, np.ndarray] | ValueError | OSError] = []
+    for image_path, mask_path in samples:
+        try:
+            image = read_image(image_path)
+            target = read_mask(mask_path, num_classes, reader)
+            if target.shape != (image.height, image.width):
+                raise ValueError(f"{mask_path}: mask {target.shape} and image {(image.height, image.width)} differ")
+        except (ValueError, OSError) as exc:
+            read.append(exc)
+        else:
+            read.append((image, target))
+    good = [r for r in read if isinstance(r, tuple)]
+    inputs = []
+    for image, target in good:
+        candidates = None
+        if true_labels:  # True Label Guidance: only the classes of the ground truth compete
+            present = np.unique(target[(target != 255) & (target > (0 if bg else -1))])
+            candidates = [int(c) - (1 if bg else 0) for c in present] or None
+        arr = np.asarray(image)
+        inputs.append((protocol_input(arr, segmenter.settings), tuple(arr.shape[:2]), candidates))
+    results = iter(segmenter.segment_many(inputs) if inputs else [])
+    out: list[Scored | ValueError | OSError] = []
+    for r in read:
+        if not isinstance(r, tuple):
+            out.append(r)
+            continue
+        image, target = r
+        labels = next(results).labels.numpy()
+        valid = target != 255
+        codes, counts = np.unique(target[valid].astype(np.int64) * num_classes + labels[valid], return_counts=True)
+        out.append((codes, counts, labels, image, target))
+    return out
+
+
+def score_sample(segmenter: Segmenter, image_path: str, mask_path: str, num_classes: int, reader: str,
+                 true_labels: bool) -> Scored:
+    """One sample's :func:`score_samples`; its files' error raised."""
+    (result,) = score_samples(segmenter, [(image_path, mask_path)], num_classes, reader, true_labels)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def all_background_miou(matrix: ConfusionMatrix, settings: ProtocolSettings) -> float:
@@ -47,16 +80,22 @@ def all_background_miou(matrix: ConfusionMatrix, settings: ProtocolSettings) -> 
 
 
 def confusion_in_process(model: Any, dataset: SegmentationDataset, settings: ProtocolSettings,
-                         true_labels: bool = False, part: tuple[int, int] = (0, 1)) -> ConfusionMatrix:
+                         true_labels: bool = False, part: tuple[int, int] = (0, 1),
+                         images_per_batch: int = 4) -> ConfusionMatrix:
     """The confusion counts of samples ``part[0]``, ``part[0] + part[1]``, … of ``dataset`` (one rank's share of a
-    set scored by several: their sum is the whole set's), in this process."""
+    set scored by several: their sum is the whole set's), in this process, ``images_per_batch`` images' windows
+    through the model together."""
     protocol = dataset_segmenter(model, dataset.class_names, settings)
     matrix = ConfusionMatrix(len(dataset.class_names), class_names=dataset.class_names)
     flat = matrix.matrix.view(-1)
-    for sample in dataset.samples[part[0]::part[1]]:
-        codes, counts, *_ = score_sample(protocol, str(sample.image), str(sample.mask), len(dataset.class_names),
-                                           dataset.reader, true_labels)
-        flat.index_add_(0, torch.as_tensor(codes), torch.as_tensor(counts))
+    mine = [(str(s.image), str(s.mask)) for s in dataset.samples[part[0]::part[1]]]
+    for start in range(0, len(mine), images_per_batch):
+        for result in score_samples(protocol, mine[start:start + images_per_batch], len(dataset.class_names),
+                                    dataset.reader, true_labels):
+            if isinstance(result, Exception):
+                raise result
+            codes, counts, *_ = result
+            flat.index_add_(0, torch.as_tensor(codes), torch.as_tensor(counts))
     return matrix
 
 

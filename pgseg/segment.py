@@ -240,25 +240,47 @@ def window_boxes(height: int, width: int, settings: ProtocolSettings) -> list[tu
             for x in window_starts(width, win, stride)]
 
 
+def _size(box: tuple[int, int, int, int]) -> tuple[int, int]:
+    return box[2] - box[0], box[3] - box[1]
+
+
 @torch.no_grad()
+def sliding_logits_many(model: torch.nn.Module, images: Sequence[torch.Tensor], classes: torch.Tensor,
+                        settings: ProtocolSettings, candidates: Sequence[torch.Tensor | None] | None = None,
+                        batch: int = 8) -> list[torch.Tensor]:
+    """Several [3, H, W] normalised images at protocol size → each one's [C, H, W]: its windows' scores summed (row
+    by row, left to right, as mmseg visits them) and divided by the number of windows covering each pixel.
+
+    The windows of all the images go through the model together, ``batch`` at a time (consecutive windows of one
+    size); ``candidates``: per image, a [K] bool mask replacing its windows' top-k class sets, or None (its own
+    top-k)."""
+    candidates = list(candidates) if candidates is not None else [None] * len(images)
+    windows = [(i, box) for i, image in enumerate(images) for box in window_boxes(*image.shape[1:], settings)]
+    chunks: list[list[tuple[int, tuple[int, int, int, int]]]] = []
+    for i, (y0, x0, y1, x1) in windows:  # in order; a chunk: windows of one size (an image's are all alike), with
+        last = chunks[-1] if chunks else None  # candidates or without
+        if (last is None or len(last) == batch or _size(last[0][1]) != (y1 - y0, x1 - x0)
+                or (candidates[last[0][0]] is None) != (candidates[i] is None)):
+            chunks.append([])
+        chunks[-1].append((i, (y0, x0, y1, x1)))
+    totals: list[torch.Tensor | None] = [None] * len(images)
+    counts = [torch.zeros(1, *image.shape[1:], device=image.device) for image in images]
+    for chunk in chunks:
+        crops = torch.stack([images[i][:, y0:y1, x0:x1] for i, (y0, x0, y1, x1) in chunk])
+        cand = None if candidates[chunk[0][0]] is None else torch.stack([candidates[i] for i, _ in chunk])
+        logits = window_logits(model, crops, classes, settings, cand)
+        for (i, (y0, x0, y1, x1)), crop_logits in zip(chunk, logits):  # each image's windows summed in its order
+            if totals[i] is None:
+                totals[i] = images[i].new_zeros(logits.shape[1], *images[i].shape[1:])
+            totals[i][:, y0:y1, x0:x1] += crop_logits
+            counts[i][:, y0:y1, x0:x1] += 1
+    return [total / count for total, count in zip(totals, counts)]
+
+
 def sliding_logits(model: torch.nn.Module, image: torch.Tensor, classes: torch.Tensor, settings: ProtocolSettings,
                    candidates: torch.Tensor | None = None, batch: int = 8) -> torch.Tensor:
-    """[3, H, W] normalised image at protocol size → [C, H, W]: the windows' scores summed (row by row, left to
-    right, as mmseg visits them) and divided by the number of windows covering each pixel."""
-    _, height, width = image.shape
-    boxes = window_boxes(height, width, settings)
-    total, count = None, torch.zeros(1, height, width, device=image.device)
-    for i in range(0, len(boxes), batch):
-        chunk = boxes[i:i + batch]
-        crops = torch.stack([image[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])  # same size within a slide
-        cand = None if candidates is None else candidates[None].expand(len(chunk), -1)
-        logits = window_logits(model, crops, classes, settings, cand)
-        if total is None:
-            total = image.new_zeros(logits.shape[1], height, width)
-        for (y0, x0, y1, x1), crop_logits in zip(chunk, logits):
-            total[:, y0:y1, x0:x1] += crop_logits
-            count[:, y0:y1, x0:x1] += 1
-    return total / count
+    """One image's :func:`sliding_logits_many`."""
+    return sliding_logits_many(model, [image], classes, settings, [candidates], batch)[0]
 
 
 @dataclass
@@ -308,12 +330,16 @@ class Segmenter:
     """
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str] | str,
-                 settings: ProtocolSettings | None = None, templates: Sequence[str] = SEGMENTATION_TEMPLATES):
+                 settings: ProtocolSettings | None = None, templates: Sequence[str] = SEGMENTATION_TEMPLATES,
+                 batch: int = 8):
         self.model = model.eval()
         self.class_names = clean_class_names(class_names)
         self.settings = settings or ProtocolSettings()
         self.classes = class_embeddings(model, self.class_names, templates)
         self.names = (["background"] if self.settings.bg_thresh is not None else []) + self.class_names
+        if batch < 1:
+            raise ValueError(f"batch: windows per forward pass must be >= 1, got {batch}")
+        self.batch = batch  # windows per forward pass, of one image or of several
 
     @torch.no_grad()
     def __call__(self, image: Image.Image | np.ndarray | str | Path | bytes,
@@ -323,15 +349,28 @@ class Segmenter:
         arr = image if isinstance(image, np.ndarray) else np.asarray(read_image(image))
         return self.segment(protocol_input(arr, self.settings), tuple(arr.shape[:2]), candidates)
 
-    @torch.no_grad()
     def segment(self, resized: torch.Tensor, size: tuple[int, int],
                 candidates: Sequence[int] | None = None) -> Segmentation:
         """A normalised [3, h, w] image already at protocol size → labels and probabilities at ``size`` (H, W)."""
+        return self.segment_many([(resized, size, candidates)])[0]
+
+    @torch.no_grad()
+    def segment_many(self, inputs: Sequence[tuple[torch.Tensor, tuple[int, int], Sequence[int] | None]]
+                     ) -> list[Segmentation]:
+        """Several (resized image, original size, candidates) at once, their windows batched together: what
+        :meth:`segment` gives each of them."""
         device = self.classes.device
-        mask = None
-        if candidates is not None:
-            mask = torch.zeros(len(self.class_names), dtype=torch.bool, device=device)
-            mask[torch.as_tensor(list(candidates), dtype=torch.long, device=device)] = True
-        logits = sliding_logits(self.model, resized.to(device), self.classes, self.settings, mask)
-        probs = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].softmax(dim=0)
-        return Segmentation(probs.max(dim=0).indices.cpu(), self.names, probs.cpu())  # a tie: the lower channel
+        masks = []
+        for _, _, candidates in inputs:
+            mask = None
+            if candidates is not None:
+                mask = torch.zeros(len(self.class_names), dtype=torch.bool, device=device)
+                mask[torch.as_tensor(list(candidates), dtype=torch.long, device=device)] = True
+            masks.append(mask)
+        all_logits = sliding_logits_many(self.model, [resized.to(device) for resized, _, _ in inputs], self.classes,
+                                          self.settings, masks, self.batch)
+        out = []
+        for logits, (_, size, _) in zip(all_logits, inputs):
+            probs = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].softmax(dim=0)
+            out.append(Segmentation(probs.max(dim=0).indices.cpu(), self.names, probs.cpu()))  # a tie: the lower
+        return out

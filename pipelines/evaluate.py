@@ -1,6 +1,6 @@
 """Zero-shot segmentation evaluation at scale: Ray Data batch inference with model actors (CPU or GPU) over a
-dataset of pgseg.datasets, each sample through pgseg.evaluate.score_sample, confusion matrices summed in the driver;
-and zero-shot classification the same way. MLflow logging of the results is in pipelines.tracking."""
+dataset of pgseg.datasets, a few samples at a time through pgseg.evaluate.score_samples, confusion matrices summed in
+the driver; and zero-shot classification the same way. MLflow logging of the results is in pipelines.tracking."""
 from __future__ import annotations
 
 import io
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pgseg.checkpoint import load_model
 from pgseg.classify import ZeroShotClassifier, folder_samples, load_image, read_class_names, topk_correct
 from pgseg.datasets import SegmentationDataset
-from pgseg.evaluate import ClassificationResult, EvalResult, all_background_miou, dataset_segmenter, score_sample
+from pgseg.evaluate import ClassificationResult, EvalResult, all_background_miou, dataset_segmenter, score_samples
 from pgseg.metrics import ConfusionMatrix
 from pgseg.segment import ProtocolSettings
 from pgseg.visualize import comparison
@@ -36,14 +36,14 @@ class SegmentActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pairs, counts, pictures, errors = [], [], [], []
-        for sid, image_path, mask_path in zip(batch["id"], batch["image"], batch["mask"]):
-            try:  # bad inputs travel back as text: the driver reports them all, in our words, not Ray's
-                codes, n, labels, image, target = score_sample(self.segmenter, image_path, mask_path, self.n,
-                                                               self.reader, self.true_labels)
-            except (ValueError, OSError) as exc:
-                codes, n, labels, image, target = np.zeros(0, np.int64), np.zeros(0, np.int64), None, None, None
-                errors.append(str(exc))
+        scored = score_samples(self.segmenter, list(zip(batch["image"], batch["mask"])), self.n, self.reader,
+                               self.true_labels)  # the batch's windows through the model together
+        for sid, result in zip(batch["id"], scored):
+            if isinstance(result, Exception):  # bad inputs travel back as text: the driver reports them all
+                codes, n, labels = np.zeros(0, np.int64), np.zeros(0, np.int64), None
+                errors.append(str(result))
             else:
+                codes, n, labels, image, target = result
                 errors.append("")
             pairs.append(codes.astype(np.int64).tobytes())  # bytes: one column type whatever the lengths
             counts.append(n.astype(np.int64).tobytes())
@@ -59,15 +59,17 @@ class SegmentActor:
 
 def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSettings, *, actors: int = 1,
              use_gpu: bool = False, cpus_per_actor: float = 1.0, true_labels: bool = False,
-             overlays: int = 8, progress: bool | None = None) -> EvalResult:
+             overlays: int = 8, progress: bool | None = None, images_per_batch: int = 4) -> EvalResult:
     """Evaluate one model file on one dataset on the attached Ray cluster; ``progress``: a progress bar on stderr
-    (None: when it is a terminal)."""
+    (None: when it is a terminal); ``images_per_batch``: images an actor takes at once (their windows through the
+    model together)."""
     rows = [{"id": s.id, "image": str(s.image), "mask": str(s.mask)} for s in dataset]
     if not rows:
         raise ValueError(f"{dataset.name}: the dataset is empty")
     overlay_ids = [r["id"] for r in rows[:overlays]]
     ds = ray.data.from_items(rows).map_batches(
-        SegmentActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
+        SegmentActor, batch_size=images_per_batch, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
         fn_constructor_kwargs={"model_path": str(model_path), "class_names": dataset.class_names,
                                "settings": asdict(settings), "reader": dataset.reader, "true_labels": true_labels,
                                "overlay_ids": overlay_ids, "device": "cuda" if use_gpu else "cpu"})

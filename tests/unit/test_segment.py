@@ -116,7 +116,7 @@ def test_labels_take_the_lower_channel_on_an_exact_tie():
     seg = Segmenter.__new__(Segmenter)  # the stub has no text tower: give the class embeddings directly
     seg.model, seg.class_names, seg.classes = SignModel(torch.stack([both, CLASSES[2]])), list("abcd"), CLASSES
     seg.settings = ProtocolSettings(window=8, stride=8, short_side=8, bg_thresh=None)
-    seg.names = seg.class_names
+    seg.names, seg.batch = seg.class_names, 8
     out = seg.segment(_image(8, 8, 8), (8, 8))
     assert out.probs[0].equal(out.probs[1]) and (out.labels == 0).all()
     torch.testing.assert_close(out.probs.sum(dim=0), torch.ones(8, 8))  # probabilities: softmax over channels
@@ -158,7 +158,7 @@ def test_segmenter_on_odd_sizes_and_image_modes(tmp_path):
     seg = Segmenter.__new__(Segmenter)  # the stub has no text tower: give the class embeddings directly
     seg.model, seg.class_names, seg.classes = model, ["a", "b", "c", "d"], CLASSES
     seg.settings = ProtocolSettings(window=8, stride=4, short_side=8, bg_thresh=None)
-    seg.names = seg.class_names
+    seg.names, seg.batch = seg.class_names, 8
     rgb = np.zeros((13, 29, 3), np.uint8)
     rgb[:, :9] = 255
     out = seg(Image.fromarray(rgb))

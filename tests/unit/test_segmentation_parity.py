@@ -106,6 +106,20 @@ def test_every_label_and_probability_matches_the_release(encoded_once, fixture_d
     assert cases == 60 and min(agree) == 1.0 and worst <= ATOL
 
 
+def test_images_segmented_together_get_what_each_gets_alone(encoded_once, fixture_dir):
+    """The fixture's images (of different sizes, 1 to 4 windows each) through one segment_many call, 3 windows per
+    forward pass so that passes mix images: every image's labels and probabilities are those of its own call."""
+    reference = Reference.load(fixture_dir)
+    lst, names, _, bg = next(iter(reference.lists()))
+    alone = Segmenter(encoded_once, names, ProtocolSettings(bg_thresh=bg))
+    together = Segmenter(encoded_once, names, ProtocolSettings(bg_thresh=bg), batch=3)
+    inputs = [(*reference.image(image), [0, 2] if i == 1 else None) for i, image in enumerate(IMAGES)]
+    for (pixels, size, candidates), result in zip(inputs, together.segment_many(inputs)):
+        own = alone.segment(pixels, size, candidates)
+        assert torch.equal(result.labels, own.labels)
+        torch.testing.assert_close(result.probs, own.probs, atol=1e-6, rtol=0)
+
+
 def test_the_averaged_map_before_the_resize_matches(encoded_once, reference):
     """img2 is resized from 597×448 back to 200×150: the averaged window scores before that resize."""
     from pgseg.segment import sliding_logits
