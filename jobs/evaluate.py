@@ -79,38 +79,50 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--out {args.out} already holds {', '.join(there)}: add --overwrite to replace")
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return user_error(exc)
-    from pgseg.evaluate import EvalResult
-    from pipelines.evaluate import evaluate, evaluate_classification
-    from pipelines.tracking import log_classification, log_eval
-    from pipelines.tracking import resolve_uri
-
+    from pipelines.evaluate import evaluate_many
     from pipelines.runtime import quiet_logs, start_ray
+    from pipelines.tracking import log_classification, log_eval
 
     start_ray(args.address, verbose=args.verbose)
     quiet_logs(args.verbose)
     run_id = args.run_id
-    tasks = []  # (evaluation, its MLflow logger): segmentation sets first, then classification sets
-    for dataset, settings in plans:
-        tasks.append((partial(evaluate, args.checkpoint, dataset, settings, actors=args.actors, use_gpu=args.gpu,
-                              true_labels=args.true_labels, overlays=args.overlays), log_eval))
+    evaluations = []  # (evaluation → results, their MLflow logger): segmentation sets (one actor pool), classification
+    if plans:
+        evaluations.append((partial(evaluate_many, args.checkpoint, plans, actors=args.actors, use_gpu=args.gpu,
+                                    true_labels=args.true_labels, overlays=args.overlays), log_eval))
     for source in args.classification:
-        tasks.append((partial(evaluate_classification, args.checkpoint, source, args.class_names,
-                              actors=args.actors, use_gpu=args.gpu), log_classification))
-    for run_evaluation, log_result in tasks:
+        evaluations.append((partial(_one_classification, args, source), log_classification))
+    for run_evaluations, log_result in evaluations:
         try:
-            result = run_evaluation()
+            results = run_evaluations()
         except (ValueError, FileNotFoundError) as exc:
             return user_error(exc)
-        print(result.table_text())
-        if isinstance(result, EvalResult):  # a segmentation set
-            if result.hint():
-                print(f"hint: {result.hint()}", file=sys.stderr)
-            if args.out:
-                print(f"table, figures and overlays in {result.write(args.out)}")
-        if not args.no_track:
-            run_id = log_result(result, resolve_uri(args.track), run_id=run_id)
-            print(f"logged to MLflow run {run_id}")
+        for result in results:
+            run_id = _report(result, args, log_result, run_id)
     return 0
+
+
+def _one_classification(args: argparse.Namespace, source: str) -> list:
+    from pipelines.evaluate import evaluate_classification
+
+    return [evaluate_classification(args.checkpoint, source, args.class_names, actors=args.actors, use_gpu=args.gpu)]
+
+
+def _report(result, args: argparse.Namespace, log_result, run_id: str | None) -> str | None:
+    """Print one evaluation's table, write its files, log it to MLflow; returns the MLflow run it went to."""
+    from pgseg.evaluate import EvalResult
+    from pipelines.tracking import resolve_uri
+
+    print(result.table_text())
+    if isinstance(result, EvalResult):  # a segmentation set
+        if result.hint():
+            print(f"hint: {result.hint()}", file=sys.stderr)
+        if args.out:
+            print(f"table, figures and overlays in {result.write(args.out)}")
+    if not args.no_track:
+        run_id = log_result(result, resolve_uri(args.track), run_id=run_id)
+        print(f"logged to MLflow run {run_id}")
+    return run_id
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,11 @@ from .metrics import ConfusionMatrix, SegmentationScores
 from .segment import ProtocolSettings, Segmenter, protocol_input, read_image
 
 
-def dataset_segmenter(model: Any, class_names: list[str], settings: ProtocolSettings) -> Segmenter:
-    """The protocol for a dataset's classes: with a background threshold, label 0 is background (no prompt)."""
+def dataset_segmenter(model: Any, class_names: list[str], settings: ProtocolSettings, batch: int = 8) -> Segmenter:
+    """The protocol for a dataset's classes: with a background threshold, label 0 is background (no prompt);
+    ``batch``: windows per forward pass."""
     names = class_names[1:] if settings.bg_thresh is not None else class_names  # prompts: foreground classes only
-    return Segmenter(model, names, settings)
+    return Segmenter(model, names, settings, batch=batch)
 
 
 Scored = tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]  # codes, counts, labels, image, ground truth

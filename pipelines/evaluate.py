@@ -25,20 +25,30 @@ from pipelines.data.ingest import TarShards, shard_list
 
 
 class SegmentActor:
-    """A Ray Data UDF holding one model: rows (id, image path, mask path) → confusion counts (and overlays)."""
+    """A Ray Data UDF holding one model for every set of an evaluation: rows (set, id, image path, mask path) →
+    confusion counts (and overlays). ``sets``: per set, its class names, protocol settings, mask reader and the
+    samples drawn as overlays."""
 
-    def __init__(self, model_path: str, class_names: list[str], settings: dict[str, Any], reader: str,
-                 true_labels: bool, overlay_ids: list[str], device: str = "cpu"):
+    def __init__(self, model_path: str, sets: list[dict[str, Any]], true_labels: bool, device: str = "cpu",
+                 images_per_batch: int = 4):
         model, _ = load_model(model_path, device)
-        self.segmenter = dataset_segmenter(model, class_names, ProtocolSettings(**settings))
-        self.n, self.reader, self.true_labels = len(class_names), reader, true_labels
-        self.overlay_ids = set(overlay_ids)
+        self.sets = [{"segmenter": dataset_segmenter(model, s["class_names"], ProtocolSettings(**s["settings"]),
+                                                     batch=2 * images_per_batch),
+                      "n": len(s["class_names"]), "reader": s["reader"], "overlay_ids": set(s["overlay_ids"])}
+                     for s in sets]
+        self.true_labels = true_labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        scored: list[Any] = [None] * len(batch["id"])
+        for index, spec in enumerate(self.sets):  # a batch may hold rows of two sets
+            mine = [i for i, s in enumerate(batch["set"]) if s == index]
+            if mine:
+                results = score_samples(spec["segmenter"], [(batch["image"][i], batch["mask"][i]) for i in mine],
+                                        spec["n"], spec["reader"], self.true_labels)  # windows batched together
+                for i, result in zip(mine, results):
+                    scored[i] = result
         pairs, counts, pictures, errors = [], [], [], []
-        scored = score_samples(self.segmenter, list(zip(batch["image"], batch["mask"])), self.n, self.reader,
-                               self.true_labels)  # the batch's windows through the model together
-        for sid, result in zip(batch["id"], scored):
+        for set_index, sid, result in zip(batch["set"], batch["id"], scored):
             if isinstance(result, Exception):  # bad inputs travel back as text: the driver reports them all
                 codes, n, labels = np.zeros(0, np.int64), np.zeros(0, np.int64), None
                 errors.append(str(result))
@@ -47,58 +57,76 @@ class SegmentActor:
                 errors.append("")
             pairs.append(codes.astype(np.int64).tobytes())  # bytes: one column type whatever the lengths
             counts.append(n.astype(np.int64).tobytes())
-            if sid in self.overlay_ids and labels is not None:
+            spec = self.sets[set_index]
+            if sid in spec["overlay_ids"] and labels is not None:
                 buf = io.BytesIO()
-                comparison(image, target, labels, self.segmenter.names).save(buf, format="PNG")
+                comparison(image, target, labels, spec["segmenter"].names).save(buf, format="PNG")
                 pictures.append(buf.getvalue())
             else:
                 pictures.append(b"")
-        return {"id": batch["id"], "pairs": np.array(pairs, dtype=object), "counts": np.array(counts, dtype=object),
-                "overlay": np.array(pictures, dtype=object), "error": np.array(errors, dtype=object)}
+        return {"set": batch["set"], "id": batch["id"], "pairs": np.array(pairs, dtype=object),
+                "counts": np.array(counts, dtype=object), "overlay": np.array(pictures, dtype=object),
+                "error": np.array(errors, dtype=object)}
 
 
-def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSettings, *, actors: int = 1,
-             use_gpu: bool = False, cpus_per_actor: float = 1.0, true_labels: bool = False,
-             overlays: int = 8, progress: bool | None = None, images_per_batch: int = 4) -> EvalResult:
-    """Evaluate one model file on one dataset on the attached Ray cluster; ``progress``: a progress bar on stderr
-    (None: when it is a terminal); ``images_per_batch``: images an actor takes at once (their windows through the
-    model together)."""
-    rows = [{"id": s.id, "image": str(s.image), "mask": str(s.mask)} for s in dataset]
-    if not rows:
-        raise ValueError(f"{dataset.name}: the dataset is empty")
-    overlay_ids = [r["id"] for r in rows[:overlays]]
+def evaluate_many(model_path: str, plans: list[tuple[SegmentationDataset, ProtocolSettings]], *, actors: int = 1,
+                  use_gpu: bool = False, cpus_per_actor: float = 1.0, true_labels: bool = False,
+                  overlays: int = 8, progress: bool | None = None, images_per_batch: int = 4) -> list[EvalResult]:
+    """Evaluate one model file on several datasets (each with its protocol settings) on the attached Ray cluster,
+    with one pool of model actors for all of them (a model is loaded once per actor); ``progress``: a progress bar
+    on stderr (None: when it is a terminal); ``images_per_batch``: images an actor takes at once (their windows
+    through the model together). A set with unreadable samples is a ValueError naming them (nothing returned)."""
+    rows, sets = [], []
+    for index, (dataset, settings) in enumerate(plans):
+        mine = [{"set": index, "id": s.id, "image": str(s.image), "mask": str(s.mask)} for s in dataset]
+        if not mine:
+            raise ValueError(f"{dataset.name}: the dataset is empty")
+        rows += mine
+        sets.append({"class_names": dataset.class_names, "settings": asdict(settings), "reader": dataset.reader,
+                     "overlay_ids": [r["id"] for r in mine[:overlays]]})
     ds = ray.data.from_items(rows).map_batches(
         SegmentActor, batch_size=images_per_batch, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
-        fn_constructor_kwargs={"model_path": str(model_path), "class_names": dataset.class_names,
-                               "settings": asdict(settings), "reader": dataset.reader, "true_labels": true_labels,
-                               "overlay_ids": overlay_ids, "device": "cuda" if use_gpu else "cpu"})
-    matrix = ConfusionMatrix(len(dataset.class_names), class_names=dataset.class_names)
-    flat = matrix.matrix.view(-1)
-    pictures: dict[str, bytes] = {}
-    images = 0
-    errors: list[str] = []
-    with tqdm(total=len(rows), desc=dataset.name, unit="image", disable=None if progress is None else not progress, file=sys.stderr) as bar:
+        fn_constructor_kwargs={"model_path": str(model_path), "sets": sets, "true_labels": true_labels,
+                               "device": "cuda" if use_gpu else "cpu", "images_per_batch": images_per_batch})
+    matrices = [ConfusionMatrix(len(d.class_names), class_names=d.class_names) for d, _ in plans]
+    pictures: list[dict[str, bytes]] = [{} for _ in plans]
+    images = [0] * len(plans)
+    errors: list[list[str]] = [[] for _ in plans]
+    names = ", ".join(d.name for d, _ in plans)
+    with tqdm(total=len(rows), desc=names, unit="image", disable=None if progress is None else not progress,
+              file=sys.stderr) as bar:
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
-            errors += [str(e) for e in batch["error"] if e]
-            for sid, pairs, counts, picture in zip(batch["id"], batch["pairs"], batch["counts"], batch["overlay"]):
-                flat.index_add_(0, torch.from_numpy(np.frombuffer(pairs, np.int64).copy()),
-                                torch.from_numpy(np.frombuffer(counts, np.int64).copy()))
-                images += 1
+            for index, sid, pairs, counts, picture, error in zip(batch["set"], batch["id"], batch["pairs"],
+                                                                 batch["counts"], batch["overlay"], batch["error"]):
+                if error:
+                    errors[index].append(str(error))
+                    continue
+                matrices[index].matrix.view(-1).index_add_(0, torch.from_numpy(np.frombuffer(pairs, np.int64).copy()),
+                                                           torch.from_numpy(np.frombuffer(counts, np.int64).copy()))
+                images[index] += 1
                 if picture:
-                    pictures[str(sid)] = picture
+                    pictures[index][str(sid)] = picture
             bar.update(len(batch["id"]))
-    if errors:  # nothing is logged from a dataset with unreadable images or masks
-        errors.sort()
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise ValueError(f"{dataset.name}: {len(errors)} bad sample(s): " + "; ".join(errors[:5]) + more)
-    drawn = [i for i in overlay_ids if i in pictures]
-    background_only = settings.bg_thresh is not None and int(matrix.matrix[:, 1:].sum()) == 0
-    return EvalResult(dataset.name, matrix.scores(), settings, images, [pictures[i] for i in drawn],
-                      all_background_miou(matrix, settings), drawn, background_only)
+    for (dataset, _), bad in zip(plans, errors):  # nothing is logged from a dataset with unreadable samples
+        if bad:
+            bad.sort()
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise ValueError(f"{dataset.name}: {len(bad)} bad sample(s): " + "; ".join(bad[:5]) + more)
+    results = []
+    for (dataset, settings), matrix, drawn_pictures, count, spec in zip(plans, matrices, pictures, images, sets):
+        drawn = [i for i in spec["overlay_ids"] if i in drawn_pictures]
+        background_only = settings.bg_thresh is not None and int(matrix.matrix[:, 1:].sum()) == 0
+        results.append(EvalResult(dataset.name, matrix.scores(), settings, count, [drawn_pictures[i] for i in drawn],
+                                  all_background_miou(matrix, settings), drawn, background_only))
+    return results
 
 
-# ------------------------------------------------------------------------------------------------ classification
+def evaluate(model_path: str, dataset: SegmentationDataset, settings: ProtocolSettings, **options: Any) -> EvalResult:
+    """One dataset's :func:`evaluate_many`."""
+    return evaluate_many(model_path, [(dataset, settings)], **options)[0]
+
+
 class ClassifyActor:
     """A Ray Data UDF holding one model: rows (image bytes or path, label) → top-1 / top-5 hits."""
 

@@ -17,7 +17,7 @@ from pipelines.data.download import download
 from pipelines.data.shapes_world import ShapesWorld, download_world, write_train_images, write_voc_val
 from pipelines.data.sources import build_url_list
 from pipelines.digest import file_digest, tree_digest, value_digest
-from pipelines.evaluate import evaluate
+from pipelines.evaluate import evaluate_many
 from pipelines.flow.curve import learning_curve
 from pipelines.flow.experiment import Experiment, training_config
 from pipelines.flow.manifest import StageRecord
@@ -183,20 +183,18 @@ def stage_evaluate(ctx: Context) -> StageRecord:
     datasets = stage_datasets(ctx, section.datasets)
     ctx.ray()
     results, metrics = {}, {}
-    for dataset in datasets:
-        settings = ProtocolSettings.of(e, background_threshold(section.bg_thresh, e, dataset.bg_thresh))
-        result = evaluate(model, dataset, settings, actors=section.actors, use_gpu=section.use_gpu,
-                          true_labels=section.true_labels,
-                          overlays=section.overlays)
+    plans = [(d, ProtocolSettings.of(e, background_threshold(section.bg_thresh, e, d.bg_thresh))) for d in datasets]
+    for result in evaluate_many(model, plans, actors=section.actors, use_gpu=section.use_gpu,
+                                true_labels=section.true_labels, overlays=section.overlays):
         ctx.printer(result.table_text())
         if result.hint():
             ctx.printer(f"hint: {result.hint()}")
         result.write(out)  # table, figures and overlays (image | ground truth | prediction)
         if ctx.tracker and train.run_id:  # at the model's step: the training run's final figures are the last's
             log_eval(result, ctx.tracker.uri, run_id=train.run_id, step=step)
-        results[dataset.name] = {**result.figures(), "model": model}
-        metrics[f"eval/{dataset.name}/mIoU"] = result.scores.miou
-        metrics[f"eval/{dataset.name}/all_background_mIoU"] = result.baseline_miou
+        results[result.dataset] = {**result.figures(), "model": model}
+        metrics[f"eval/{result.dataset}/mIoU"] = result.scores.miou
+        metrics[f"eval/{result.dataset}/all_background_mIoU"] = result.baseline_miou
     atomic_write_json(out / "results.json", results)
     return StageRecord("evaluate", "", file_digest(out / "results.json"), {"results": str(out / "results.json")}, 0.0,
                        train.run_id, metrics)

@@ -101,6 +101,16 @@ def test_the_ray_data_evaluation_gives_the_in_process_figures(ray_local, trained
     assert on_ray.images == len(dataset) == 8
     assert np.array_equal(np.array(on_ray.scores.iou), np.array(scores.iou), equal_nan=True)
     assert on_ray.scores.miou == scores.miou and on_ray.baseline_miou == baseline
+    if not true_labels:  # two sets through one pool of actors, 3 images a batch (a batch holds rows of both sets)
+        from pipelines.evaluate import evaluate_many
+
+        plain = ProtocolSettings(bg_thresh=None)
+        both = evaluate_many(str(trained_tiny), [(dataset, settings), (dataset, plain)], overlays=0, progress=False,
+                             images_per_batch=3)
+        alone, _ = evaluate_in_process(load_model(trained_tiny)[0], dataset, plain)
+        assert [r.images for r in both] == [8, 8]
+        assert both[0].scores.miou == scores.miou and both[1].scores.miou == alone.miou
+        assert both[1].settings == plain and np.isnan(both[1].baseline_miou)
 
 
 def test_true_label_guidance_keeps_only_the_classes_of_the_ground_truth(trained_tiny, shapes_data, tmp_path):
