@@ -5,8 +5,8 @@
 1. parity on the device (float32, TF32 off): the released fixture's model — embeddings against ``outputs.pt`` and
    the zero-shot protocol against ``segmentation.pt`` (labels that agree, max |Δ| of probabilities, 60 cases);
 2. the paper-size training step (the trainer's pgseg.train.TrainStep: pgseg_vit_s at 224, bf16 autocast, clipping,
-   AdamW with its schedule, prototype EMA): images/s and peak memory with NPR in official mode, in paper mode, and
-   without NPR (GroupViT), side by side, with ratios;
+   AdamW with its schedule, prototype EMA): images/s, FLOPs per step, MFU and peak memory with NPR in official mode,
+   in paper mode (also compiled, and with the release's per-image SciPy matching), and without NPR (GroupViT);
 3. exact matching of 256 and 1024 cost matrices of 64×64 on the device (``benchmarks.matching.compare``: the
    release's SciPy per image with a copy each, our two solvers, torch-linear-assignment's GPU kernel), the same
    batch from host memory beside it, assignments checked against SciPy's;
@@ -87,27 +87,61 @@ def parity(fixture: Path, device: torch.device) -> dict:
             "probs_max_abs_diff": worst}
 
 
+# dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), for MFU; other devices: no MFU
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10G": 70e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
 def training_steps(device: torch.device, batch: int, repeats: int) -> dict:
+    """The paper-size step at bf16: NPR official and paper, paper compiled, paper with the release's per-image SciPy
+    matching, and GroupViT; images/s, FLOPs per step (torch's counter: the host solver is not counted), MFU."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
     from benchmarks.common import training_step
+    from benchmarks.step import per_image_matching
 
     rows = {}
-    for name, preset, overrides in (("pgseg_official", "pgseg_vit_s", ("npr.mode=official",)),
-                                    ("pgseg_paper", "pgseg_vit_s", ("npr.mode=paper",)),
-                                    ("groupvit_no_npr", "groupvit_vit_s", ())):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        step, model, _ = training_step(preset, batch, overrides, device=device, precision="bf16")
-        seconds = _timed(step, device, repeats)
-        rows[name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds,
-                      "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
-                                          if device.type == "cuda" else None)}
-        del step, model
+    peak = peak_flops(device)
+    variants = (("pgseg_official", "pgseg_vit_s", ("npr.mode=official",), contextlib.nullcontext),
+                ("pgseg_paper", "pgseg_vit_s", ("npr.mode=paper",), contextlib.nullcontext),
+                ("pgseg_paper_compiled", "pgseg_vit_s", ("npr.mode=paper", "train.compile=true"),
+                 contextlib.nullcontext),
+                ("pgseg_paper_per_image_scipy", "pgseg_vit_s", ("npr.mode=paper",), per_image_matching),
+                ("groupvit_no_npr", "groupvit_vit_s", (), contextlib.nullcontext))
+    for name, preset, overrides, switch in variants:
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with switch():
+                step, model, _ = training_step(preset, batch, overrides, device=device, precision="bf16")
+                step()  # warm-up (a compile)
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                seconds = _timed(step, device, repeats)
+            flops = counter.get_total_flops()
+            rows[name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "flops_per_step": flops,
+                          "mfu": flops / seconds / peak if peak else None,
+                          "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
+                                              if device.type == "cuda" else None)}
+            del step, model
+        except Exception as exc:  # noqa: BLE001 - a variant that fails (e.g. no compiler) must not lose the others
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = rows["groupvit_no_npr"]["seconds_per_step"]
+    base = rows["groupvit_no_npr"].get("seconds_per_step")
     for row in rows.values():
-        row["time_vs_groupvit"] = row["seconds_per_step"] / base
-    return {"batch": batch, "img_size": 224, "precision": "bf16", "steps": rows}
+        if base and "seconds_per_step" in row:
+            row["time_vs_groupvit"] = row["seconds_per_step"] / base
+    return {"batch": batch, "img_size": 224, "precision": "bf16", "peak_flops": peak, "steps": rows}
 
 
 def matching(device: torch.device, repeats: int) -> dict:

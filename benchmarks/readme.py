@@ -35,12 +35,18 @@ def _device_check() -> str:
         f"{p['probs_max_abs_diff']:.1e} |",
         f"| released fixture on the GPU: embeddings | within {max(p['embedding_max_abs_diff'].values()):.1e} |",
     ]
-    for name, label in (("pgseg_official", "PGSeg, NPR official"), ("pgseg_paper", "PGSeg, NPR paper"),
-                        ("groupvit_no_npr", "GroupViT (no NPR)")):
-        row = t["steps"][name]
-        lines.append(f"| training step, pgseg_vit_s, batch {t['batch']} at {t['img_size']}, {t['precision']}: "
-                     f"{label} | {row['images_per_s']:.0f} images/s, {row['time_vs_groupvit']:.2f}× the GroupViT "
-                     f"step, {row['peak_memory_gib']:.1f} GiB |")
+    labels = {"pgseg_official": "PGSeg, NPR official", "pgseg_paper": "PGSeg, NPR paper",
+              "pgseg_paper_compiled": "PGSeg, NPR paper, train.compile",
+              "pgseg_paper_per_image_scipy": "PGSeg, NPR paper, the release's per-image SciPy matching",
+              "groupvit_no_npr": "GroupViT (no NPR)"}
+    for name, row in t["steps"].items():
+        head = f"| training step, pgseg_vit_s, batch {t['batch']} at {t['img_size']}, {t['precision']}: {labels[name]} |"
+        if "error" in row:
+            lines.append(f"{head} failed: {row['error'][:120]} |")
+            continue
+        mfu = f", MFU {100 * row['mfu']:.0f} %" if row.get("mfu") else ""
+        lines.append(f"{head} {row['images_per_s']:.0f} images/s, {row['time_vs_groupvit']:.2f}× the GroupViT "
+                     f"step{mfu}, {row['peak_memory_gib']:.1f} GiB |")
     lines += [
         f"| the same, NPR official, with the earlier lock-step GPU matching (`{before['commit'][:7]}`) | "
         f"{old['images_per_s']:.0f} images/s, {old['time_vs_groupvit']:.2f}× the GroupViT step |",

@@ -48,12 +48,24 @@ def _per_image_scipy(cost: torch.Tensor, maximize: bool = False, ties: str = "sc
 
 
 @contextlib.contextmanager
+def per_image_matching() -> Iterator[None]:
+    """NPR's matching the release's way only: SciPy per image, a device→host copy each."""
+    import pgseg.model.npr as npr
+
+    saved = npr.linear_sum_assignment
+    npr.linear_sum_assignment = _per_image_scipy
+    try:
+        yield
+    finally:
+        npr.linear_sum_assignment = saved
+
+
+@contextlib.contextmanager
 def release_way() -> Iterator[None]:
     """Build and run models inside this the release's way (see the module's docstring)."""
     import timm.layers
 
     import pgseg.model.layers as layers
-    import pgseg.model.npr as npr
     import pgseg.train.optim as optim
     import pgseg.train.step as step
 
@@ -63,15 +75,16 @@ def release_way() -> Iterator[None]:
                                  lr=optim.scaled_rates(config, global_batch).lr, betas=tuple(o.betas), eps=o.eps,
                                  foreach=False, fused=False)
 
-    saved = (layers.F, npr.linear_sum_assignment, step.build_optimizer)
+    saved = (layers.F, step.build_optimizer)
     functional = type("F", (), {"scaled_dot_product_attention": staticmethod(_written_out_attention),
                                 "__getattr__": lambda self, name: getattr(torch.nn.functional, name)})()
     timm.layers.set_fused_attn(False)  # timm's blocks read it when built
-    layers.F, npr.linear_sum_assignment, step.build_optimizer = functional, _per_image_scipy, looped_adamw
+    layers.F, step.build_optimizer = functional, looped_adamw
     try:
-        yield
+        with per_image_matching():
+            yield
     finally:
-        layers.F, npr.linear_sum_assignment, step.build_optimizer = saved
+        layers.F, step.build_optimizer = saved
         timm.layers.set_fused_attn(True)
 
 
