@@ -10,7 +10,8 @@
 3. exact matching of 256 and 1024 cost matrices of 64×64 on the device (``benchmarks.matching.compare``: the
    release's SciPy per image with a copy each, our two solvers, torch-linear-assignment's GPU kernel), the same
    batch from host memory beside it, assignments checked against SciPy's;
-4. the zero-shot protocol on a 500×375 image (VOC's usual size) with VOC's 20 classes: seconds per image.
+4. one Ray Train worker against a plain loop of the same step (shapes-world shards at 224 made here by img2dataset);
+5. the zero-shot protocol on a 500×375 image (VOC's usual size) with VOC's 20 classes: seconds per image.
 
 Each part is timed after a warm-up; a part that fails records its error and the others still run. The figures go to
 ``--out`` as JSON (command, commit, date, device, numbers).
@@ -144,6 +145,35 @@ def training_steps(device: torch.device, batch: int, repeats: int) -> dict:
     return {"batch": batch, "img_size": 224, "precision": "bf16", "peak_flops": peak, "steps": rows}
 
 
+def ray_train_step(device: torch.device, batch: int, steps: int) -> dict:
+    """One worker on Ray Train (Ray Data reading shapes-world shards at 224, made by img2dataset here) against the
+    same TrainStep in a plain loop that decodes its own batches: images/s and the step's own seconds."""
+    import logging
+    import os
+    import tempfile
+
+    import ray
+
+    from benchmarks.train_scaling import make_shards, plain_process, ray_train
+    from pgseg.config import load_config
+    from pipelines.runtime import start_ray
+
+    root = Path(tempfile.mkdtemp(prefix="pgseg-device-train-"))
+    shards = make_shards(root, batch * (steps + 8), image_size=224)
+    config = load_config("pgseg_vit_s", [f"data.shards=[{shards}]", f"data.batch_size={batch}", "data.img_size=224"])
+    plain = plain_process(config, shards, steps, device=device.type)
+    start_ray(num_cpus=os.cpu_count(), log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        on_ray = ray_train(config, steps, 1, root, use_gpu=device.type == "cuda")
+    finally:
+        ray.shutdown()
+    step = {name: r["time/compute"] + r["time/optim"] for name, r in (("plain", plain), ("ray", on_ray))}
+    return {"batch": batch, "steps": steps, "precision": "auto", "plain_loop": plain, "ray_train_1_worker": on_ray,
+            "ray_over_plain_images_per_s": on_ray["images_per_s"] / plain["images_per_s"],
+            "ray_over_plain_step_seconds": step["ray"] / step["plain"]}
+
+
 def matching(device: torch.device, repeats: int) -> dict:
     from benchmarks.matching import compare
 
@@ -154,19 +184,37 @@ def matching(device: torch.device, repeats: int) -> dict:
     return {"rows": rows}
 
 
-def segmentation_speed(device: torch.device, repeats: int) -> dict:
+def segmentation_speed(device: torch.device, repeats: int, images: int = 16) -> dict:
+    """The protocol on ``images`` 500×375 images (2 windows each), VOC's 20 classes, random weights: one window per
+    forward pass, one image's windows together, and all the images' windows in passes of 32; images/s of each and
+    whether the labels are the same."""
     import numpy as np
 
     from pgseg.config import load_config
     from pgseg.model import PGSeg
-    from pgseg.segment import ProtocolSettings, Segmenter
+    from pgseg.segment import ProtocolSettings, Segmenter, protocol_input
 
     model = PGSeg.from_config(load_config("pgseg_vit_s", ["npr.mode=official"])).to(device).eval()
-    segmenter = Segmenter(model, VOC_CLASSES, ProtocolSettings(bg_thresh=0.95))
-    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
-    seconds = _timed(lambda: segmenter(image), device, repeats)
-    return {"image": "375x500 -> 448x597 (2 windows)", "classes": len(VOC_CLASSES), "seconds_per_image": seconds,
-            "images_per_s": 1 / seconds}
+    settings = ProtocolSettings(bg_thresh=0.95)
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(images)]
+    inputs = [(protocol_input(a, settings), (375, 500), None) for a in arrays]
+    paths = {"one_window": (Segmenter(model, VOC_CLASSES, settings, batch=1), 1),
+             "one_image": (Segmenter(model, VOC_CLASSES, settings, batch=8), 1),
+             "all_images_32_windows": (Segmenter(model, VOC_CLASSES, settings, batch=32), images)}
+
+    def run(segmenter: Segmenter, per_call: int) -> list:
+        return [r.labels for start in range(0, images, per_call)
+                for r in segmenter.segment_many(inputs[start:start + per_call])]
+
+    reference = run(*paths["one_window"])
+    out = {"image": "375x500 -> 448x597 (2 windows)", "classes": len(VOC_CLASSES), "images": images}
+    for name, (segmenter, per_call) in paths.items():
+        same = all(torch.equal(a, b) for a, b in zip(run(segmenter, per_call), reference))
+        seconds = _timed(lambda: run(segmenter, per_call), device, repeats) / images
+        out[name] = {"seconds_per_image": seconds, "images_per_s": 1 / seconds, "same_labels": same}
+    out["seconds_per_image"] = out["one_image"]["seconds_per_image"]  # the figure earlier checks reported
+    return out
 
 
 def main() -> None:
@@ -175,6 +223,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "results" / "device_check.json"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=20, help="steps of the Ray Train vs plain loop part")
     parser.add_argument("--commit", default=None, help="the commit measured (default: git's HEAD here; a copied "
                         "working tree on a device machine may not carry the repository)")
     args = parser.parse_args()
@@ -188,6 +237,7 @@ def main() -> None:
     parts = {"parity": lambda: parity(Path(args.fixture), device),
              "training_step": lambda: training_steps(device, args.batch, args.repeats),
              "matching": lambda: matching(device, args.repeats),
+             "ray_train_step": lambda: ray_train_step(device, args.batch, args.train_steps),
              "segmentation": lambda: segmentation_speed(device, args.repeats)}
     for name, part in parts.items():
         start = time.perf_counter()

@@ -23,20 +23,21 @@ use_loopback()  # before Ray is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def make_shards(root: Path, images: int) -> Path:
+def make_shards(root: Path, images: int, image_size: int = 64) -> Path:
     from pipelines.data.download import DownloadSpec, download
     from pipelines.data.shapes_world import ShapesWorld, write_train_images, write_url_list
 
-    world = ShapesWorld(num_classes=4, image_size=64, seed=0)
+    world = ShapesWorld(num_classes=4, image_size=image_size, seed=0)
     rows = write_train_images(world, root / "www", images)
     write_url_list(rows, (root / "www").resolve().as_uri(), root / "urls")
-    download(root / "urls", root / "shards", DownloadSpec(image_size=64, number_sample_per_shard=256,
-                                                          processes_count=2, thread_count=8))
+    download(root / "urls", root / "shards", DownloadSpec(image_size=image_size, number_sample_per_shard=256,
+                                                          processes_count=min(8, os.cpu_count() or 1), thread_count=8))
     return root / "shards"
 
 
-def plain_process(config, shards: Path, steps: int, profile_steps: int = 5) -> dict[str, float]:
-    """The step loop in this process with one torch thread (as a 1-CPU Ray worker gets): data decoded here."""
+def plain_process(config, shards: Path, steps: int, profile_steps: int = 5, device: str = "cpu") -> dict[str, float]:
+    """The step loop in this process, data decoded here; on a CPU with one torch thread (as a 1-CPU Ray worker
+    gets)."""
     import tarfile
 
     import numpy as np
@@ -46,7 +47,8 @@ def plain_process(config, shards: Path, steps: int, profile_steps: int = 5) -> d
     from pipelines.data.ingest import preprocess_image
     from pgseg.train import TrainStep
 
-    torch.set_num_threads(1)
+    if device == "cpu":
+        torch.set_num_threads(1)
     samples = []
     for tar_path in sorted(shards.glob("*.tar")):
         with tarfile.open(tar_path) as tar:
@@ -59,9 +61,10 @@ def plain_process(config, shards: Path, steps: int, profile_steps: int = 5) -> d
     def batch(i: int) -> dict[str, torch.Tensor]:
         chunk = [samples[(i * b + j) % len(samples)] for j in range(b)]
         images = np.stack([preprocess_image(d, size, config.data.min_scale, True, rng) for d, _ in chunk])
-        return {"image": torch.from_numpy(images), "tokens": tokenize([c for _, c in chunk], length)}
+        return {"image": torch.from_numpy(images).to(device),
+                "tokens": tokenize([c for _, c in chunk], length).to(device)}
 
-    stepper = TrainStep(config, steps_per_epoch=steps, device=torch.device("cpu"))
+    stepper = TrainStep(config, steps_per_epoch=steps, device=torch.device(device))
     for i in range(3):  # warm-up (numba, allocator)
         stepper(batch(i), i)
     totals = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
@@ -72,6 +75,8 @@ def plain_process(config, shards: Path, steps: int, profile_steps: int = 5) -> d
         totals["time/data"] += time.perf_counter() - t0
         for k, v in stepper(data, 3 + i).seconds.items():
             totals[k] += v
+    if device != "cpu":
+        torch.cuda.synchronize()
     wall = time.perf_counter() - start
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for i in range(profile_steps):
@@ -83,13 +88,14 @@ def plain_process(config, shards: Path, steps: int, profile_steps: int = 5) -> d
     return out
 
 
-def ray_train(config, steps: int, workers: int, root: Path) -> dict[str, float]:
+def ray_train(config, steps: int, workers: int, root: Path, use_gpu: bool = False) -> dict[str, float]:
     """fit() on the local Ray cluster; the figures of the second half of the run (the first half warms up)."""
     from pgseg.config import load_config, to_dict
     from pipelines.train import fit, plan_training
 
     half = steps // 2
-    cfg = load_config(to_dict(config), [f"train.workers={workers}", f"train.cpus_per_worker={1.0 if workers == 1 else 0.5}",
+    cfg = load_config(to_dict(config), [f"train.workers={workers}", f"train.use_gpu={str(use_gpu).lower()}",
+                                        f"train.cpus_per_worker={1.0 if workers == 1 else 0.5}",
                                         f"tracking.log_every={half}", f"train.checkpoint_every={half}",
                                         f"train.storage_path={root / 'runs'}", f"train.name=bench-{workers}w",
                                         "tracking.enabled=false"])
