@@ -28,6 +28,14 @@ def _shared(path: Path, what: str) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every integration test is slow (real Ray clusters, MLflow servers, trainings): ``pytest -m "not slow"`` is
+    the quick part, the unit tests."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+
+
 REFERENCE_FACTS = REPO / "tests" / "fixtures" / "reference"  # the small facts of shared/reference, in the repository
 
 
