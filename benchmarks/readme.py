@@ -57,19 +57,61 @@ def _device_check() -> str:
     return "\n".join(lines)
 
 
-def _matching_rows(m: dict) -> list[str]:
+def _matching_rows(m: dict, on: str = "on the GPU") -> list[str]:
     if "rows" not in m:  # a device check from before benchmarks.matching.compare (one batch, our solver vs SciPy)
         return [f"| exact matching, {m['batch']} problems of {m['size']}×{m['size']} | GPU batch (solved on its host) "
                 f"{1e3 * m['device_s']:.1f} ms, SciPy loop {1e3 * m['scipy_loop_s']:.1f} ms "
                 f"({m['scipy_over_device']:.1f}×), same assignments: {m['device_same_as_scipy']} |"]
     lines = []
     for row in m["rows"]:
-        where = "from host memory" if row.get("from_host") else "on the GPU"
+        where = "from host memory" if row.get("from_host") else on
         ratios = ", ".join(f"{name} {ratio:.1f}× ({'same' if row['same_as_scipy'][name] else 'NOT the same'})"
                            for name, ratio in row["speedup_over_scipy_per_image"].items())
         lines.append(f"| exact matching, {row['batch']} problems of {row['size']}×{row['size']} {where} | SciPy per "
                      f"image {1e3 * row['seconds']['scipy_per_image']:.1f} ms; speed-up: {ratios} |")
     return lines
+
+
+def _source(record: dict, name: str) -> str:
+    return (f"Measured by `{record['command']}`, {record.get('machine') or record.get('device')}, "
+            f"{record['date'][:10]}, commit `{record['commit'][:7]}`{' (with changes)' if record.get('dirty') else ''} "
+            f"(`results/{name}`).")
+
+
+def _step() -> str:
+    r = json.loads((RESULTS / "step-cpu.json").read_text())
+    labels = {"release_way": "our model run the release's way (written-out attention, per-image SciPy matching "
+                             "with a host copy each, AdamW's loop)", "ours": "ours",
+              "ours_compiled": "ours, `train.compile`", "groupvit": "GroupViT (no NPR), ours"}
+    lines = [f"Training step, {r['preset']}, batch {r['batch']}, {r['precision']}, {r['threads']} threads, medians of "
+             f"{r['rounds']} alternating rounds:", "", "| step | s/step | images/s |", "|---|---|---|"]
+    lines += [f"| {labels.get(n, n)} | {s:.2f} | {r['images_per_s'][n]:.1f} |" for n, s in r["seconds_per_step"].items()]
+    x = r["ratios"]
+    lines += [""] + [f"- {text}: {x[key]:.2f}" for key, text in (
+        ("release_way_over_ours", "the release's way ÷ ours (time per step)"),
+        ("release_way_over_ours_compiled", "the release's way ÷ ours compiled"),
+        ("npr_time_ratio", "NPR's cost: ours ÷ GroupViT (time)"),
+        ("npr_flops_ratio", "ours ÷ GroupViT (FLOPs, torch's counter: the host's matching solve is not counted)"))
+        if key in x]
+    return "\n".join(lines + ["", _source(r, "step-cpu.json")])
+
+
+def _matching() -> str:
+    r = json.loads((RESULTS / "matching-cpu.json").read_text())
+    lines = [f"Exact matching, one batch of random float64 cost matrices, medians of {r['repeats']} alternating rounds "
+             f"({r['torch_threads']} threads):", "", "| what | figure |", "|---|---|", *_matching_rows(r, "on the CPU")]
+    return "\n".join(lines + ["", _source(r, "matching-cpu.json")])
+
+
+def _eval() -> str:
+    r = json.loads((RESULTS / "eval-cpu.json").read_text())
+    labels = {"one_window": "one window per forward pass", "one_image": "one image's windows together",
+              "four_images": "four images' windows together", "ray_2_actors": f"Ray Data, 2 actors ({r['ray_includes']})"}
+    lines = [f"Zero-shot segmentation, pgseg_vit_s, {r['images']} images of {r['image']}, {r['threads']} threads:", "",
+             "| path | s | images/s | ÷ one window | same confusion counts |", "|---|---|---|---|---|"]
+    lines += [f"| {labels.get(n, n)} | {s:.1f} | {r['images_per_s'][n]:.2f} | {r['speedup_over_one_window'][n]:.2f}× | "
+              f"{r['same_confusion_counts'][n]} |" for n, s in r["seconds"].items()]
+    return "\n".join(lines + ["", _source(r, "eval-cpu.json")])
 
 
 def _quickstart() -> str:
@@ -176,7 +218,8 @@ def _table4() -> str:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check, "quickstart": _quickstart,
-                                           "learner": _learner, "table4": _table4}
+                                           "learner": _learner, "table4": _table4, "step": _step,
+                                           "matching": _matching, "eval": _eval}
 BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
 
 
