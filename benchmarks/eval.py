@@ -141,7 +141,7 @@ def main() -> None:
     print(split or f"no quickstart manifests under {args.workdir} (run `pgseg quickstart` first for the stage split)")
     commit, dirty = commit_state()
     write_record(args.out or REPO / "results" / "eval-cpu.json", {
-        "command": "python -m benchmarks.eval " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "command": "python -m benchmarks.eval " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
         "commit": commit, "dirty": dirty, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cores} CPU cores", "threads": torch.get_num_threads(), "images": n,
         "image": "500x375 -> 597x448, 2 windows", "seconds": seconds, "all_seconds": times,
