@@ -105,6 +105,14 @@ def _solve_batch_cpu(cost: np.ndarray) -> np.ndarray:  # pragma: no cover - comp
     return out
 
 
+@numba.njit(cache=True, nogil=True)
+def _solve_batch_serial(cost: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    out = np.empty((cost.shape[0], cost.shape[1]), np.int64)  # the parallel loop's scheduling costs more than
+    for b in range(cost.shape[0]):  # a small batch's solve
+        _solve_one(cost[b], out[b])
+    return out
+
+
 Ties = Literal["scipy", "any"]
 SERIAL_BELOW = 1 << 18  # entries × the smaller side: below it, one thread (measured: benchmarks.matching)
 
@@ -143,8 +151,11 @@ def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False,
     # one for a batch too small to be worth a thread pool's start-up
     threads = max(1, torch.get_num_threads()) if work.size * min(nr, nc) >= SERIAL_BELOW else 1
     if ties == "scipy":
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        found = _solve_batch_cpu(work)
+        if threads == 1:
+            found = _solve_batch_serial(work)
+        else:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            found = _solve_batch_cpu(work)
     else:
         _, cols = lap.lapjvr_batch(work, extend_cost=True, return_cost=False, n_threads=threads)
         found = np.stack(cols)
