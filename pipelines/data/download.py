@@ -150,6 +150,9 @@ def download(url_list: str | Path, output: str | Path, spec: DownloadSpec | None
         missing = expected - len(finished_shards(output))
         if missing <= 0:
             break
+        # a manifest from an earlier run that left shards unfinished: img2dataset reads every *.json in the folder
+        # as a shard's stats and fails on it; it is rebuilt from those stats below
+        (output / MANIFEST).unlink(missing_ok=True)
         if attempt:
             log.warning("download: %d shard(s) did not finish; retry %d of %d", missing, attempt, spec.shard_retries)
         try:

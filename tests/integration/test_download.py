@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.data.download import DownloadSpec, download, read_manifest
+from pipelines.data.download import DownloadSpec, build_manifest, download, read_manifest
 from pipelines.data.file_server import QuietHandler, serve_directory
 from pipelines.data.shapes_world import ShapesWorld, write_train_images, write_url_list
 
@@ -109,6 +109,27 @@ def test_killed_run_resumes_without_redoing_finished_shards(www, tmp_path):
     keys = [k for k, _ in samples]
     assert len(keys) == len(set(keys)) == 40  # no duplicate keys
     assert sorted(c for _, c in samples) == sorted(r["caption"] for r in rows)
+
+
+def test_a_run_that_left_a_shard_unfinished_is_finished_by_the_next(www, tmp_path):
+    """The manifest of a run with an unfinished shard is in the folder when the download runs again: the missing
+    shard is fetched, the finished one kept, and the manifest rebuilt."""
+    root, rows = www
+    spec = DownloadSpec(image_size=64, number_sample_per_shard=5, processes_count=1, thread_count=4)
+    with serve_directory(root) as base:
+        write_url_list(rows[:10], base, tmp_path / "urls")
+        download(tmp_path / "urls", tmp_path / "shards", spec)
+        for path in (tmp_path / "shards").glob("00001*"):  # shard 1 as if it had never finished
+            path.unlink()
+        manifest = build_manifest(tmp_path / "shards")
+        manifest.update(expected_shards=2, unfinished_shards=[1])
+        (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
+        kept = (tmp_path / "shards" / "00000.tar").stat().st_mtime_ns
+        manifest = download(tmp_path / "urls", tmp_path / "shards", spec)
+    assert manifest["unfinished_shards"] == [] and manifest["num_shards"] == 2 and manifest["samples"] == 10
+    assert (tmp_path / "shards" / "00000.tar").stat().st_mtime_ns == kept
+    assert read_manifest(tmp_path / "shards") == manifest
+    assert sorted(c for _, c in _tar_samples(tmp_path / "shards")) == sorted(r["caption"] for r in rows[:10])
 
 
 def test_bad_download_inputs(tmp_path):
