@@ -25,6 +25,8 @@ def pass_split(ingest: Ingest, pass_index: int, world: Collectives, reserved: Ex
         ds = ingest.dataset(pass_index)
         ds.context.execution_options.exclude_resources = reserved
         ds.context.enable_progress_bars = False  # a bar per pass in a worker's log says nothing the curves don't
+        if world.world == 1:  # no split: streaming_split's coordinator actor costs a new process per pass
+            return ds.iterator()
         splits = [ds.streaming_split(world.world, equal=True)]
     if world.world > 1:
         dist.broadcast_object_list(splits, src=0)
