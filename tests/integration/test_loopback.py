@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from listening import run_watched
+from processes import stop_group
 from test_sweep import _base, _sweep
 
 from conftest import REPO
@@ -53,11 +54,7 @@ def stray_cluster():
             pytest.fail("the stray `ray start --head` did not come up")
         time.sleep(0.5)
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    stop_group(head)
     if saved is None:
         CURRENT.unlink(missing_ok=True)
     else:

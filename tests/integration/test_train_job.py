@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from processes import stop_group
 from mlflow_process import wait_for_http
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -44,11 +45,8 @@ def ray_head():
     address = f"http://127.0.0.1:{dash}"
     wait_for_http(f"{address}/api/version", head, "ray start --head", 180)
     yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    stop_group(head)
+    shutil.rmtree(temp, ignore_errors=True)  # its logs and session files
 
 
 def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, shapes_data, mlflow_server, tmp_path):
