@@ -79,17 +79,16 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     # is given, and unpickling our settings there would import the whole training stack (seconds) in a process
     # that never uses it
     trainer = TorchTrainer(  # no datasets: the workers read the data pass by pass (pipelines/train/passes.py)
-        train_loop_per_worker, train_loop_config={SETTINGS: ray.put(loop)}, torch_config=torch_config(on_loopback(), t.collective_timeout_s),
+        train_loop_per_worker, train_loop_config={SETTINGS: ray.put(loop)},
+        torch_config=torch_config(on_loopback(), t.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              logging_config=LoggingConfig(log_level=train_log_level())))
-    import time; open("/tmp/fp/times.txt","a").write(f"fit-call {time.time()}\n")
     try:
         result = trainer.fit()
-        open("/tmp/fp/times.txt","a").write(f"fit-return {time.time()}\n")
     except Exception as exc:
         if run_id:
             tracker.end(run_id, "FAILED", {"pgseg.error": str(exc)[:5000]})
