@@ -8,12 +8,10 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from ..plots import pyplot
 
 
 @dataclass
@@ -74,6 +72,7 @@ def projection_2d(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def _png(fig) -> bytes:
+    plt = pyplot()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -82,6 +81,7 @@ def _png(fig) -> bytes:
 
 
 def compactness_plot(embeddings: torch.Tensor, classes: torch.Tensor, names: list[str], result: Compactness) -> bytes:
+    plt = pyplot()
     points = projection_2d(embeddings)
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
     for c in classes.unique().tolist():
@@ -93,6 +93,7 @@ def compactness_plot(embeddings: torch.Tensor, classes: torch.Tensor, names: lis
 
 
 def richness_plot(result: Richness) -> bytes:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
     ax.plot(range(1, len(result.variances) + 1), result.variances)
     ax.set_xlabel("dimension (by variance)")

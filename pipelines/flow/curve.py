@@ -5,18 +5,15 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
-
-from pgseg.fileio import atomic_write_bytes  # noqa: E402
-from pipelines.tracking import Tracker  # noqa: E402
+from pgseg.fileio import atomic_write_bytes
+from pgseg.plots import pyplot
+from pipelines.tracking import Tracker
 
 
 def learning_curve(tracker: Tracker, run_id: str, dev_set: str | None, path: Path) -> Path | None:
     """Draw the run's curve into ``path`` (PNG) and log it to the run as ``learning_curve.png``; None when the run
     logged no loss."""
+    plt = pyplot()
     loss = tracker.history(run_id, "loss")
     if not loss:
         return None

@@ -7,13 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
-
-from pipelines.tune.spec import SEED, SweepSpec, trial_label  # noqa: E402
-from pipelines.tune.trial import TrialSetup  # noqa: E402
+from pgseg.plots import pyplot
+from pipelines.tune.spec import SEED, SweepSpec, trial_label
+from pipelines.tune.trial import TrialSetup
 
 
 @dataclass
@@ -102,6 +98,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
 
 def plot_metric(spec: SweepSpec, rows: list[TrialRow], key: str, path: Path) -> Path:
     """The sweep metric's last value of each trial against one swept key (the variant, for named variants)."""
+    plt = pyplot()
     done = [r for r in rows if spec.metric in r.last]
     xs = [r.variant if key == "variant" else r.values.get(key) for r in done]
     ys = [scaled(spec.metric, r.last[spec.metric]) for r in done]
@@ -121,6 +118,7 @@ def plot_metric(spec: SweepSpec, rows: list[TrialRow], key: str, path: Path) -> 
 
 def save_plot(spec: SweepSpec, fig: Any, ax: Any, title: str, path: Path) -> Path:
     """The sweep metric on the y axis, the title, a grid; written to ``path`` (PNG) and closed."""
+    plt = pyplot()
     ax.set_ylabel(display_name(spec.metric) + (" (%)" if spec.metric.endswith("mIoU") else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -8,15 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from scipy import stats
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from pipelines.tune.report import TrialRow, display_name, save_plot, scaled  # noqa: E402
-from pipelines.tune.spec import SEED, SweepSpec, trial_label  # noqa: E402
+from pgseg.plots import pyplot
+from pipelines.tune.report import TrialRow, display_name, save_plot, scaled
+from pipelines.tune.spec import SEED, SweepSpec, trial_label
 
 LEVEL = 0.95
 
@@ -91,6 +88,7 @@ def verdict(line: dict[str, Any], baseline: str) -> str:
 
 def plot_statistics(spec: SweepSpec, rows: list[TrialRow], table: list[dict[str, Any]], path: Path) -> Path:
     """Each variant's seeds as points, their mean with the 95 % interval as an error bar."""
+    plt = pyplot()
     grid = sorted(k for k, v in spec.space.items() if "grid" in v)
     labels = [line["variant"] for line in table]
     mean_key = f"{display_name(spec.metric)} mean"
