@@ -158,6 +158,10 @@ def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeyp
                      "data.batch_size=32")
     with pytest.raises(TrainingError, match="non-finite loss at step 1"):
         fit(plan_training(config))
+    # on the embedded Ray nothing is ever drained: Ray Train starts no preemption watcher for the run
+    from ray.util.state import list_actors
+
+    assert list_actors(filters=[("class_name", "=", "PreemptionWatcher")]) == []
 
 
 def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_local, shapes_data, tmp_path):
