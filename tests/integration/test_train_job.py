@@ -1,4 +1,5 @@
-"""`ray start --head` on 127.0.0.1 and `ray job submit` of jobs.train, tracked by a real `mlflow server`."""
+"""`ray start --head` on 127.0.0.1 (one for this module) and `ray job submit` of jobs.train and jobs.sweep, tracked by
+a real `mlflow server`."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from processes import stop_group
 from mlflow_process import wait_for_http
+from processes import stop_group
+from test_sweep import _base, _children, _summary, _sweep
+
+from conftest import REPO
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -26,9 +29,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A separate Ray head on 127.0.0.1 (its own ports and temp dir), stopped with its process group."""
+    """A separate Ray head on 127.0.0.1 (its own ports and temp dir) for this module's jobs, stopped with its process
+    group."""
     port, dash = _free_port(), _free_port()
     # every listening port of its own: the session's in-process Ray already holds the default agent ports
     own_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -49,23 +53,29 @@ def ray_head():
     shutil.rmtree(temp, ignore_errors=True)  # its logs and session files
 
 
-def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, shapes_data, mlflow_server, tmp_path):
+def _submit(ray_head, *job: str) -> subprocess.CompletedProcess:
+    """`ray job submit -- python -m JOB...` with this working tree as the job's working_dir; fails unless it
+    succeeded."""
     address, env = ray_head
-    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", "mlflow.db"],
+    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", "outputs", "mlflow.db"],
                    "env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}
     command = [RAY, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env), "--",
-               "python", "-m", "jobs.train", "--config", "tiny", "--name", "submitted",
-               "--set", f"data.shards=[{shapes_data['shards']}]", "--set", "data.batch_size=32",
-               "--set", "schedule.epochs=1", "--set", f"train.storage_path={tmp_path / 'runs'}",
-               "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.log_every=2",
-               "--set", "tracking.experiment=jobs"]
+               "python", "-m", *job]
     for _attempt in range(12):  # the dashboard answers before the node's job agent is up: retry only that refusal
         out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in out.stdout + out.stderr:
             break
         time.sleep(5)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "succeeded" in out.stdout, out.stdout[-3000:]
+    assert out.returncode == 0 and "succeeded" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, shapes_data, mlflow_server, tmp_path):
+    out = _submit(ray_head, "jobs.train", "--config", "tiny", "--name", "submitted",
+                  "--set", f"data.shards=[{shapes_data['shards']}]", "--set", "data.batch_size=32",
+                  "--set", "schedule.epochs=1", "--set", f"train.storage_path={tmp_path / 'runs'}",
+                  "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.log_every=2",
+                  "--set", "tracking.experiment=jobs")
     summary = json.loads(out.stdout[out.stdout.index("{\n"): out.stdout.index("\n}") + 2])
     assert summary["finished"] and summary["step"] == summary["total_steps"] == 16
     from mlflow.tracking import MlflowClient
@@ -77,3 +87,20 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, shapes_data, mlflow_
     assert sorted(m.step for m in loss) == list(range(2, 17, 2))
     assert runs[0].info.status == "FINISHED" and runs[0].data.params["model.image.img_size"] == "64"
     assert (tmp_path / "runs" / "submitted" / "model.safetensors").is_file()
+
+
+def test_ray_job_submit_runs_a_sweep(ray_head, shapes_data, mlflow_server, tmp_path):
+    """`ray job submit -- python -m jobs.sweep`: the sweep's driver runs as the job, its trial on the cluster."""
+    from mlflow.tracking import MlflowClient
+
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=8, experiment="sweep-job")
+    out = _submit(ray_head, "jobs.sweep", "--config",
+                  str(_sweep(tmp_path, "job", base, metric="eval/val/mIoU", space={"npr.phi": {"grid": [0.3]}})))
+    assert "| default npr.phi=0.3 | 0.3 | finished | 8/8 |" in out.stdout
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("sweep-job")
+    parent = client.search_runs([exp.experiment_id], "attributes.run_name = 'sweep-job'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = _children(client, "sweep-job", parent[0].info.run_id)
+    assert [c.data.params["npr.phi"] for c in children] == ["0.3"] and children[0].info.status == "FINISHED"
+    assert [r["npr.phi"] for r in _summary(client, parent[0].info.run_id)] == [0.3]
