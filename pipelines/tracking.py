@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_KEY_TAG = "pgseg.run_key"  # a training run: its storage folder and name
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # MLflow 3's kind of an experiment
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -83,8 +84,14 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------------ runs
     def experiment_id(self, name: str) -> str:
+        """The experiment ``name``, created as a model-training one (MLflow's UI then opens it on its runs table and
+        charts, not on its GenAI traces view); one of ours that has no kind yet gets it, a kind someone set stays."""
         experiment = self.client.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment is not None else self.client.create_experiment(name)
+        if experiment is None:
+            return self.client.create_experiment(name, tags={KIND_TAG: MODEL_TRAINING})
+        if KIND_TAG not in experiment.tags:
+            self.client.set_experiment_tag(experiment.experiment_id, KIND_TAG, MODEL_TRAINING)
+        return experiment.experiment_id
 
     def create_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                    params: dict[str, Any] | None = None) -> str:
