@@ -123,15 +123,25 @@ def shapes_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(ray_local, shapes_data, tmp_path_factory):
-    """A tiny PGSeg trained for 16 steps on the shapes world by the real training pipeline: its model file."""
+def tiny_run(ray_local, shapes_data, tmp_path_factory):
+    """A tiny PGSeg trained for 16 steps on the shapes world by the real training pipeline, its storage given as a
+    URI (file:// here; s3:// and gs:// go the same way, through pyarrow) and its val set scored every 8 steps (so
+    rank 0 keeps a best model there): (the run's result, the storage folder)."""
     from pgseg.config import load_config
     from pipelines.train import fit, plan_training
 
     root = tmp_path_factory.mktemp("trained")
     config = load_config("tiny", [f"data.shards=[{shapes_data['shards']}]", "data.batch_size=32",
                                   "schedule.epochs=1", "train.cpus_per_worker=1", "tracking.enabled=false",
-                                  f"train.storage_path={root}", "train.name=tiny", "train.checkpoint_every=100"])
+                                  f"train.storage_path={root.as_uri()}", "train.name=tiny",
+                                  "train.checkpoint_every=100", f"eval.datasets=[voc:{shapes_data['val']}]",
+                                  "eval.every_steps=8"])
     result = fit(plan_training(config))
     assert result.finished and result.model_file
-    return Path(result.model_file)
+    return result, root
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_run) -> Path:
+    """The final model file of :func:`tiny_run`."""
+    return Path(tiny_run[0].model_file)

@@ -165,8 +165,8 @@ def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeyp
 
 
 def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_local, shapes_data, tmp_path):
-    """2 workers, a collective timeout of 15 s, a dev set that takes longer than that to score (32 images scored at
-    640 px): each rank scores its half and the counts are summed, so no rank waits in a collective while another
+    """2 workers, a collective timeout of 15 s, a dev set that takes longer than that to score (12 images scored at
+    640 px, 361 windows each): each rank scores its half and the counts are summed, so no rank waits in a collective while another
     scores. The run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept. A set in
     eval.final_datasets is scored once, by the final model: its figure is the exported model's in-process one."""
     from pgseg.checkpoint import load_model
@@ -176,7 +176,7 @@ def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_
     from pipelines.data.shapes_world import write_voc_val
     from pipelines.train.fit import BEST_MODEL_FILE, MODEL_FILE
 
-    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 32)
+    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 12)
     last = write_voc_val(shapes_data["world"], tmp_path / "last", 6, "val")
     config = tiny_config(shapes_data, tmp_path, "train.workers=2", "train.collective_timeout_s=15",
                          f"eval.datasets=[voc:{dev}]", f"eval.final_datasets=[voc:{last}]", "eval.short_side=640",
@@ -210,19 +210,16 @@ def test_storage_on_a_cluster_of_several_nodes_must_be_shared():
     check_storage("s3://bucket/runs", shared=False, nodes=3)
 
 
-def test_a_run_stored_by_uri_keeps_its_checkpoints_and_best_model_there(ray_local, shapes_data, tmp_path):
-    """train.storage_path as a URI (file:// here; s3:// and gs:// go the same way, through pyarrow): Ray Train's
-    checkpoints and the best model by the dev set (written by rank 0, wherever it runs) land in that storage."""
+def test_a_run_stored_by_uri_keeps_its_checkpoints_and_best_model_there(tiny_run):
+    """train.storage_path as a URI (the session's tiny run, stored by a file:// URI): Ray Train's checkpoints and the
+    best model by the dev set (written by rank 0, wherever it runs) land in that storage."""
     from pipelines.train.fit import BEST_MODEL_FILE
 
-    storage = tmp_path / "remote"
-    config = tiny_config(shapes_data, tmp_path, f"train.storage_path={storage.as_uri()}", "train.name=by-uri",
-                         f"eval.datasets=[voc:{shapes_data['val']}]", "eval.every_steps=8", "data.batch_size=32",
-                         "tracking.enabled=false")
-    result = fit(plan_training(config))
+    result, storage = tiny_run
     assert result.finished and result.checkpoint.startswith(str(storage))
-    assert (storage / "by-uri" / BEST_MODEL_FILE).is_file()
-    assert not list((storage / "by-uri").glob("*.partial"))
+    assert (storage / "tiny" / BEST_MODEL_FILE).is_file()
+    assert "eval/val/mIoU" in result.metrics
+    assert not list((storage / "tiny").glob("*.partial"))
 
 
 def test_tracking_uri_follows_config_then_environment_then_local_sqlite(monkeypatch, tmp_path):
