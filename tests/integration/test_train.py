@@ -165,9 +165,9 @@ def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeyp
 
 
 def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_local, shapes_data, tmp_path):
-    """2 workers, a collective timeout of 15 s, a dev set that takes longer than that to score (12 images scored at
-    640 px, 361 windows each): each rank scores its half and the counts are summed, so no rank waits in a collective while another
-    scores. The run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept. A set in
+    """2 workers, a collective timeout of 15 s, a dev set that takes longer than that to score (24 images scored at
+    640 px, 361 windows each: ~26 s here): each rank scores its half and the counts are summed, so no rank waits in a
+    collective while another scores. The run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept. A set in
     eval.final_datasets is scored once, by the final model: its figure is the exported model's in-process one."""
     from pgseg.checkpoint import load_model
     from pgseg.datasets import open_dataset
@@ -176,7 +176,7 @@ def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_
     from pipelines.data.shapes_world import write_voc_val
     from pipelines.train.fit import BEST_MODEL_FILE, MODEL_FILE
 
-    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 12)
+    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 24)
     last = write_voc_val(shapes_data["world"], tmp_path / "last", 6, "val")
     config = tiny_config(shapes_data, tmp_path, "train.workers=2", "train.collective_timeout_s=15",
                          f"eval.datasets=[voc:{dev}]", f"eval.final_datasets=[voc:{last}]", "eval.short_side=640",
