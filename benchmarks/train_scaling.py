@@ -100,8 +100,9 @@ def ray_train(config, steps: int, workers: int, root: Path, use_gpu: bool = Fals
                                         f"train.storage_path={root / 'runs'}", f"train.name=bench-{workers}w",
                                         "tracking.enabled=false"])
     plan = plan_training(cfg)
-    cfg = load_config(to_dict(cfg), [f"schedule.epochs={max(1, -(-steps // plan.steps_per_epoch))}",
-                                     f"train.stop_after={steps}"])
+    epochs = max(1, -(-steps // plan.steps_per_epoch))
+    cfg = load_config(to_dict(cfg), [f"schedule.epochs={epochs}", f"train.stop_after={steps}",
+                                     f"schedule.warmup_epochs={min(cfg.schedule.warmup_epochs, epochs)}"])
     result = fit(plan_training(cfg))
     m = result.metrics
     return {k: float(m[k]) for k in ("images_per_s", "time/data", "time/compute", "time/optim")}
