@@ -209,7 +209,8 @@ def segmentation_speed(device: torch.device, repeats: int, images: int = 16) -> 
         return [r for start in range(0, images, per_call) for r in segmenter.segment_many(inputs[start:start + per_call])]
 
     reference = run(*paths["one_window"])
-    margins = [(lambda top: (top[0] - top[1]).cpu())(r.probs.topk(2, dim=0).values) for r in reference]
+    tops = [r.probs.topk(2, dim=0).values for r in reference]
+    margins = [(top[0] - top[1]).cpu() for top in tops]
     out = {"image": "375x500 -> 448x597 (2 windows)", "classes": len(VOC_CLASSES), "images": images}
     for name, (segmenter, per_call) in paths.items():
         differ = [(r.labels != ref.labels).cpu() for r, ref in zip(run(segmenter, per_call), reference)]

@@ -19,9 +19,8 @@ LOOPBACK = "127.0.0.1"
 # Ray reads these when it is imported: its processes bind the loopback address instead of the machine's, and a
 # loopback-only cluster needs no token. Never set for a named cluster.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-# Ray Train on one machine of ours: no node is ever drained, so no preemption watcher (an actor per run, whose
-# teardown Ray reports as an error line), and the controller polls its workers every 0.5 s instead of 2 s (a run's
-# end is seen sooner). Set for the embedded Ray only, before it starts (its processes inherit them).
+# Ray Train on one machine of ours: no node is ever drained, so no preemption watcher (one actor less per run), and
+# the controller polls its workers every 0.5 s instead of 2 s (a run's end is seen sooner). Set for the embedded Ray only, before it starts (its processes inherit them).
 EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 DATA_CPUS = 1.0  # CPUs left to Ray Data's read/decode tasks on a machine that also trains
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "tensorboardX")
