@@ -14,7 +14,7 @@
 5. the zero-shot protocol on a 500×375 image (VOC's usual size) with VOC's 20 classes: seconds per image.
 
 Each part is timed after a warm-up; a part that fails records its error and the others still run. The figures go to
-``--out`` as JSON (command, commit, date, device, numbers).
+``--out`` as JSON (command, commit, date, device, numbers), written again after each part.
 """
 from __future__ import annotations
 
@@ -253,7 +253,7 @@ def main() -> None:
             result[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
         result[name]["wall_s"] = time.perf_counter() - start
         print(name, json.dumps(result[name], indent=1), flush=True)
-    write_record(args.out, result)
+        write_record(args.out, result)  # after each part: a run stopped at its time limit keeps what it measured
 
 
 if __name__ == "__main__":
