@@ -1,8 +1,9 @@
 """Batched exact matching, side by side in one run: the release's way (SciPy per image, a device→host copy each),
 our two solvers (``ties="scipy"``: SciPy's algorithm compiled with numba, its ties; ``ties="any"``: lapx's batched
-Jonker-Volgenant) and torch-linear-assignment (PyPI; SciPy per image on a CPU, a Triton kernel on a GPU), for
-batches of 16, 256 and 1024 cost matrices of 8×8 and 64×64. Every solver's assignments are checked against SciPy's
-before its time counts (continuous random costs: one optimum). Medians of alternating rounds; ratios are the release
+Jonker-Volgenant; on a GPU, torch-linear-assignment's kernel) and torch-linear-assignment itself (PyPI; SciPy per
+image on a CPU, a Triton kernel on a GPU), for batches of 16, 256 and 1024 cost matrices of 8×8 and 64×64. Every
+solver's assignments are checked against SciPy's before its time counts (continuous random costs: one optimum), and
+on ±1 costs (many optima, as T-NPR's) its totals against SciPy's optimum. Medians of alternating rounds; ratios are the release
 way's time over each solver's.
 
     python -m benchmarks.matching [--repeats 5] [--device cpu|cuda] [--out results/matching-cpu.json]
@@ -43,9 +44,25 @@ def _solvers(cost: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     return solvers
 
 
+def optimal_on_ties(cost: torch.Tensor) -> dict[str, bool]:
+    """Costs with many equal optima (±1, the released T-NPR's): for each solver, whether every answer is a
+    permutation whose total is SciPy's optimum (which optimum it picks may differ)."""
+    host = cost.cpu()
+
+    def total(cols: torch.Tensor) -> torch.Tensor:
+        return host.gather(2, cols.cpu()[..., None]).sum(dim=(1, 2))
+
+    solvers = _solvers(cost)
+    best = total(solvers["scipy_per_image"]())
+    columns = torch.arange(cost.shape[2])
+    return {name: bool(torch.equal(total(cols := solve()), best)
+                       and (cols.cpu().sort(dim=1).values == columns).all())
+            for name, solve in solvers.items()}
+
+
 def compare(device: torch.device, batches=BATCHES, sizes=SIZES, repeats: int = 5) -> list[dict]:
-    """One row per (batch, size): each solver's median seconds, whether it gave SciPy's assignments, and the
-    release way's time over its own."""
+    """One row per (batch, size): each solver's median seconds, whether it gave SciPy's assignments (random costs:
+    one optimum) and an optimum on ±1 costs (many), and the release way's time over its own."""
     rows = []
     generator = torch.Generator().manual_seed(0)
     for size in sizes:
@@ -69,7 +86,9 @@ def compare(device: torch.device, batches=BATCHES, sizes=SIZES, repeats: int = 5
                 for name, solve in solvers.items():
                     times[name].append(timed(solve))
             seconds = {name: median(t) for name, t in times.items()}
+            signs = torch.sign(torch.randn(batch, size, size, generator=generator, dtype=torch.float64))
             rows.append({"batch": batch, "size": size, "seconds": seconds, "same_as_scipy": same,
+                         "optimal_on_ties": optimal_on_ties(signs.to(device)),
                          "speedup_over_scipy_per_image": {name: seconds["scipy_per_image"] / s
                                                           for name, s in seconds.items()
                                                           if name != "scipy_per_image"}})
@@ -87,6 +106,7 @@ def main() -> None:
     for row in rows:
         ratios = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in row["speedup_over_scipy_per_image"].items())
         wrong = [name for name, ok in row["same_as_scipy"].items() if not ok]
+        wrong += [f"{name} (ties)" for name, ok in row["optimal_on_ties"].items() if not ok]
         print(f"{row['batch']:5d} x {row['size']}x{row['size']}: scipy per image "
               f"{row['seconds']['scipy_per_image'] * 1e3:.2f} ms; speed-up {ratios}"
               + (f"; NOT SciPy's assignments: {', '.join(wrong)}" if wrong else ""))

@@ -61,6 +61,19 @@ def per_image_matching() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def host_matching() -> Iterator[None]:
+    """Matching solved on the host even on a GPU (one copy per batch, lapx or numba), as before the GPU kernel."""
+    from pgseg.model import matching
+
+    gpus = {torch.device("cuda", i) for i in range(torch.cuda.device_count())} - matching._NO_GPU_KERNEL
+    matching._NO_GPU_KERNEL.update(gpus)
+    try:
+        yield
+    finally:
+        matching._NO_GPU_KERNEL.difference_update(gpus)
+
+
+@contextlib.contextmanager
 def release_way() -> Iterator[None]:
     """Build and run models inside this the release's way (see the module's docstring)."""
     import timm.layers
