@@ -1,6 +1,6 @@
 """One call on a GPU machine: does the code run there and give the released numbers, and how fast is it.
 
-    python -m benchmarks.device_check [--fixture DIR] [--out results/device_check.json] [--batch 128]
+    python -m benchmarks.device_check [--fixture DIR] [--out results/device_check-<gpu>.json] [--batch 128]
 
 1. parity on the device (float32, TF32 off): the released fixture's model — embeddings against ``outputs.pt`` and
    the zero-shot protocol against ``segmentation.pt`` (labels that agree, max |Δ| of probabilities, 60 cases);
@@ -280,7 +280,7 @@ PARTS = ("parity", "training_step", "matching", "ray_train_step", "segmentation"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixture", default=str(REPO.parent / "shared" / "reference" / "released_fixture"))
-    parser.add_argument("--out", default=str(REPO / "results" / "device_check.json"))
+    parser.add_argument("--out", default=None, help="default: results/device_check-<gpu>.json (e.g. -h200; -cpu)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=20, help="steps of the Ray Train vs plain loop part")
@@ -303,6 +303,8 @@ def main() -> None:
              "matching": lambda: matching(device, args.repeats),
              "ray_train_step": lambda: ray_train_step(device, args.batch, args.train_steps),
              "segmentation": lambda: segmentation_speed(device, args.repeats)}
+    tag = torch.cuda.get_device_name(device).split()[-1].lower() if device.type == "cuda" else "cpu"
+    out = args.out or REPO / "results" / f"device_check-{tag}.json"
     for name, part in ((n, parts[n]) for n in PARTS if n in chosen):
         start = time.perf_counter()
         try:
@@ -311,7 +313,7 @@ def main() -> None:
             result[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
         result[name]["wall_s"] = time.perf_counter() - start
         print(name, json.dumps(result[name], indent=1), flush=True)
-        write_record(args.out, result)  # after each part: a run stopped at its time limit keeps what it measured
+        write_record(out, result)  # after each part: a run stopped at its time limit keeps what it measured
 
 
 if __name__ == "__main__":

@@ -20,13 +20,16 @@ RESULTS = REPO / "results"
 
 
 def _device_check() -> str:
-    now = json.loads((RESULTS / "device_check.json").read_text())
+    """The latest GPU device check (``results/device_check-<gpu>.json``, the newest by its date)."""
+    records = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("device_check-*.json"))]
+    now = max((r for r in records if r["device"].startswith("NVIDIA")), key=lambda r: r["date"])
     before = json.loads((RESULTS / "device_check_before_host_matching.json").read_text())
     p, t, m, s = now["parity"], now["training_step"], now["matching"], now["segmentation"]
     old = before["training_step"]["steps"]["pgseg_official"]
+    name = f"device_check-{now['device'].split()[-1].lower()}.json"
     lines = [
         f"Measured by `{now['command']}` on one {now['device']} (torch {now['torch']}), {now['date'][:10]}, commit "
-        f"`{now['commit'][:7]}` (`results/device_check.json`):",
+        f"`{now['commit'][:7]}` (`results/{name}`):",
         "",
         "| what | figure |",
         "|---|---|",
@@ -37,23 +40,42 @@ def _device_check() -> str:
     ]
     labels = {"pgseg_official": "PGSeg, NPR official", "pgseg_paper": "PGSeg, NPR paper",
               "pgseg_paper_compiled": "PGSeg, NPR paper, train.compile",
+              "pgseg_paper_host_matching": "PGSeg, NPR paper, matching solved on the host (lapx after one copy)",
               "pgseg_paper_per_image_scipy": "PGSeg, NPR paper, the release's per-image SciPy matching",
               "groupvit_no_npr": "GroupViT (no NPR)"}
-    for name, row in t["steps"].items():
-        head = f"| training step, pgseg_vit_s, batch {t['batch']} at {t['img_size']}, {t['precision']}: {labels[name]} |"
+    rounds = f", medians of {t['rounds']} alternating rounds" if t.get("rounds") else ""
+    for variant, row in t["steps"].items():
+        head = (f"| training step, pgseg_vit_s, batch {t['batch']} at {t['img_size']}, {t['precision']}{rounds}: "
+                f"{labels[variant]} |")
         if "error" in row:
             lines.append(f"{head} failed: {row['error'][:120]} |")
             continue
-        mfu = f", MFU {100 * row['mfu']:.0f} %" if row.get("mfu") else ""
+        mfu = f", MFU {100 * row['mfu']:.1f} %" if row.get("mfu") else ""
         lines.append(f"{head} {row['images_per_s']:.0f} images/s, {row['time_vs_groupvit']:.2f}× the GroupViT "
                      f"step{mfu}, {row['peak_memory_gib']:.1f} GiB |")
+    profile = t.get("profile_pgseg_paper")
+    if profile:
+        waits = ", ".join(f"{k} {v}" for k, v in profile["host_waits"].items())
+        lines.append(f"| one paper step under torch's profiler | device busy {profile['self_device_ms_total']:.0f} ms, "
+                     f"host {profile['self_host_ms_total']:.0f} ms (kernel launches: "
+                     f"{sum(e['calls'] for e in profile['top_by_host'] if 'aunchKernel' in e['op'])}); host waits: "
+                     f"{waits} |")
     lines += [
         f"| the same, NPR official, with the earlier lock-step GPU matching (`{before['commit'][:7]}`) | "
         f"{old['images_per_s']:.0f} images/s, {old['time_vs_groupvit']:.2f}× the GroupViT step |",
         *_matching_rows(m),
-        f"| zero-shot protocol, {s['image']}, {s['classes']} classes, random weights | "
-        f"{1e3 * s['seconds_per_image']:.0f} ms per image |",
     ]
+    paths = {"one_window": "one window per pass", "one_image": "one image's windows together",
+             "all_images_32_windows": "windows of several images, 32 per pass"}
+    for path, label in paths.items():
+        if path in s:
+            row = s[path]
+            lines.append(f"| zero-shot protocol, {s['image']}, {s['classes']} classes, random weights, {label} | "
+                         f"{row['images_per_s']:.0f} images/s; labels differing from one window per pass: "
+                         f"{row['pixels_differing']} of {s['pixels']} pixels |")
+    if not any(path in s for path in paths):
+        lines.append(f"| zero-shot protocol, {s['image']}, {s['classes']} classes, random weights | "
+                     f"{1e3 * s['seconds_per_image']:.0f} ms per image |")
     return "\n".join(lines)
 
 
@@ -65,11 +87,18 @@ def _matching_rows(m: dict, on: str = "on the GPU") -> list[str]:
     lines = []
     for row in m["rows"]:
         where = "from host memory" if row.get("from_host") else on
-        ratios = ", ".join(f"{name} {ratio:.1f}× ({'same' if row['same_as_scipy'][name] else 'NOT the same'})"
+        ratios = ", ".join(f"{name} {ratio:.1f}× ({_agreement(row, name)})"
                            for name, ratio in row["speedup_over_scipy_per_image"].items())
         lines.append(f"| exact matching, {row['batch']} problems of {row['size']}×{row['size']} {where} | SciPy per "
                      f"image {1e3 * row['seconds']['scipy_per_image']:.1f} ms; speed-up: {ratios} |")
     return lines
+
+
+def _agreement(row: dict, name: str) -> str:
+    same = "same" if row["same_as_scipy"][name] else "NOT the same"
+    if "optimal_on_ties" not in row:
+        return same
+    return same + (", optimal on ±1 costs" if row["optimal_on_ties"][name] else ", NOT optimal on ±1 costs")
 
 
 def _source(record: dict, name: str) -> str:

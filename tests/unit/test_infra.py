@@ -73,4 +73,4 @@ def test_cluster_launcher_has_a100_workers_shared_storage_and_the_tracking_uri()
     options = " ".join(cluster["docker"]["run_options"])
     assert "/mnt/shared" in options and "MLFLOW_TRACKING_URI" in options
     dockerfile = (REPO / "infra/Dockerfile").read_text()
-    assert "pip install -e '.[platform]'" in dockerfile and "FROM ${RAY_IMAGE}" in dockerfile
+    assert "pip install -e '.[platform,gpu]'" in dockerfile and "FROM ${RAY_IMAGE}" in dockerfile
