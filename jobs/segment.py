@@ -107,7 +107,7 @@ def _segment_all(segmenter, plan: list[tuple[Path, Path]], out: Path, args: argp
     from tqdm import tqdm
 
     from pgseg.fileio import atomic_write_bytes, atomic_write_json
-    from pgseg.segment import downscale, label_areas, read_image, upscale_labels
+    from pgseg.segment import label_areas, read_image, segment_image
     from pgseg.visualize import overlay, palette_mask
 
     done, failed, scaled, background = 0, [], 0, 0
@@ -118,12 +118,8 @@ def _segment_all(segmenter, plan: list[tuple[Path, Path]], out: Path, args: argp
             failed.append(str(path))
             tqdm.write(f"skipped: {exc}", file=sys.stderr)
             continue
-        work = downscale(image, int(args.work_pixels))
-        result = segmenter(work)
-        labels = result.labels
-        if work is not image:
-            labels = upscale_labels(labels, (image.height, image.width))
-            scaled += 1
+        labels, result, work = segment_image(segmenter, image, int(args.work_pixels))
+        scaled += work is not image
         areas = label_areas(labels, result.names)
         background += set(areas) == {"background"}
         for suffix, picture in (("_mask.png", palette_mask(labels)),  # the overlay at the size segmented

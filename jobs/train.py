@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     summary = {"name": result.name, "step": result.step, "total_steps": result.total_steps,
                "finished": result.finished, "checkpoint": result.checkpoint, "model": result.model_file,
-               "mlflow_run": result.run_id, "loss": result.metrics.get("loss")}
+               "mlflow_run": result.run_id, "registered_model": result.champion, "loss": result.metrics.get("loss")}
     print(json.dumps(summary, indent=2))
     return 0
 

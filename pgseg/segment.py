@@ -313,6 +313,16 @@ def downscale(image: Image.Image, max_pixels: int = WORK_PIXELS) -> Image.Image:
     return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.BOX)
 
 
+def segment_image(segmenter: "Segmenter", image: Image.Image,
+                  work_pixels: int = WORK_PIXELS) -> tuple[torch.Tensor, Segmentation, Image.Image]:
+    """One decoded image, however large: (labels at the image's size, the segmentation of the image segmented, that
+    image: ``image`` itself, or a copy downscaled to ``work_pixels`` whose labels were upscaled)."""
+    work = downscale(image, work_pixels)
+    result = segmenter(work)
+    labels = result.labels if work is image else upscale_labels(result.labels, (image.height, image.width))
+    return labels, result, work
+
+
 def upscale_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A label map [h, w] → [H, W] by nearest neighbour (int16 or int32, so a large image stays small)."""
     h, w = labels.shape

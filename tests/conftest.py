@@ -123,18 +123,20 @@ def shapes_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(ray_local, shapes_data, tmp_path_factory):
+def tiny_run(ray_local, shapes_data, mlflow_server, tmp_path_factory):
     """A tiny PGSeg trained for 16 steps on the shapes world by the real training pipeline, its storage given as a
-    URI (file:// here; s3:// and gs:// go the same way, through pyarrow) and its val set scored every 8 steps (so
-    rank 0 keeps a best model there): (the run's result, the storage folder)."""
+    URI (file:// here; s3:// and gs:// go the same way, through pyarrow), its val set scored every 8 steps (so
+    rank 0 keeps a best model there), tracked on the session's MLflow server (its kept checkpoints logged as models,
+    the best registered as ``pgseg-tiny``): (the run's result, the storage folder)."""
     from pgseg.config import load_config
     from pipelines.train import fit, plan_training
 
     root = tmp_path_factory.mktemp("trained")
     config = load_config("tiny", [f"data.shards=[{shapes_data['shards']}]", "data.batch_size=32",
-                                  "schedule.epochs=1", "train.cpus_per_worker=1", "tracking.enabled=false",
+                                  "schedule.epochs=1", "train.cpus_per_worker=1", f"tracking.uri={mlflow_server}",
+                                  "tracking.experiment=tiny-models", "tracking.registered_model=pgseg-tiny",
                                   f"train.storage_path={root.as_uri()}", "train.name=tiny",
-                                  "train.checkpoint_every=100", f"eval.datasets=[voc:{shapes_data['val']}]",
+                                  "train.checkpoint_every=8", f"eval.datasets=[voc:{shapes_data['val']}]",
                                   "eval.every_steps=8"])
     result = fit(plan_training(config))
     assert result.finished and result.model_file

@@ -306,9 +306,15 @@ class TrackingConfig:
     run_name: str | None = None  # MLflow run name (default: train.name)
     log_every: int = 10  # steps between metric flushes to MLflow (and metric reports to Ray Train)
     log_model: bool = True  # the final model (.safetensors) as an MLflow artifact
+    log_models: bool = True  # each kept checkpoint as an MLflow LoggedModel (a pyfunc running the protocol)
+    registered_model: str | None = "pgseg"  # the best kept model registered under this name, alias champion; None: no
+    champion_metric: str | None = None  # None: the first dev set's eval/<set>/mIoU (higher is better)
 
     def validate(self, key: str) -> None:
         _require(self.log_every >= 1, f"{key}.log_every", f"must be >= 1, got {self.log_every}")
+        for name in ("registered_model", "champion_metric"):
+            value = getattr(self, name)
+            _require(value is None or bool(value.strip()), f"{key}.{name}", "must not be empty (null: none)")
         _require(self.uri is None or bool(self.uri.strip()), f"{key}.uri", "must not be empty (leave it out for "
                  "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 

@@ -120,6 +120,10 @@ def stage_train(ctx: Context) -> StageRecord:
         outputs["best_model"] = str(best)
     ctx.printer(f"train: {result.step} steps, model at {result.model_file}"
                 + (f", best (by {config.eval.datasets[0]}) at {best}" if best.is_file() else ""))
+    if result.champion and ctx.tracker:
+        ctx.printer(f"train: the best kept checkpoint is {result.champion}; serve it on 127.0.0.1:5001 with\n"
+                    f"  MLFLOW_TRACKING_URI={ctx.tracker.uri} mlflow models serve -m {result.champion} "
+                    f"--env-manager local -h 127.0.0.1 -p 5001")
     if ctx.tracker and result.run_id:
         dev = open_dataset(config.eval.datasets[0]).name if config.eval.datasets else None
         curve = learning_curve(ctx.tracker, result.run_id, dev, ctx.root / "learning_curve.png")

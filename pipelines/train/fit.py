@@ -41,6 +41,7 @@ class TrainResult:
     model_file: str | None  # the final model in our format (local storage)
     run_id: str | None  # the MLflow run
     metrics: dict[str, Any]
+    champion: str | None = None  # the registered best kept model, models:/NAME@champion
 
 
 def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | None = None,
@@ -107,6 +108,9 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
         target = (plan.local_run_dir or Path(tempfile.mkdtemp(prefix="pgseg-model-"))) / MODEL_FILE
         with result.checkpoint.as_directory() as folder:
             model_file = str(export_model(folder, config, target))
+    champion = None
+    if run_id and config.tracking.log_models and result.best_checkpoints:
+        champion = log_models(result.best_checkpoints, config, run_id, uri, register=finished)
     if run_id:
         artifacts = [model_file] if model_file and config.tracking.log_model else []
         state = "finished" if finished else f"paused at step {step} (run again with train.name={plan.name} to continue)"
@@ -117,4 +121,27 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
         tracker.end(run_id, "FINISHED" if finished else "KILLED",
                     {"pgseg.checkpoint": str(ckpt_path), "pgseg.step": str(step), "pgseg.state": state,
                      **{f"pgseg.metrics_{k}": str(v) for k, v in lost.items()}}, artifacts)
-    return TrainResult(plan.name, step, plan.total_steps, finished, ckpt_path, model_file, run_id, metrics)
+    return TrainResult(plan.name, step, plan.total_steps, finished, ckpt_path, model_file, run_id, metrics, champion)
+
+
+def log_models(checkpoints: list, config: Any, run_id: str, uri: str, register: bool) -> str | None:
+    """The kept checkpoints as LoggedModels of the run and, when ``register``, the best one as the registered model's
+    champion (its ``models:/NAME@champion`` URI returned). A failure here is reported on the run and in the log;
+    the training's results stay."""
+    from pgseg.datasets import open_dataset
+    from pipelines.models import example_input, log_kept_models, register_champion
+
+    t = config.tracking
+    try:
+        kept = log_kept_models(run_id, uri, checkpoints, config, *example_input())
+        if register and t.registered_model:
+            metric = t.champion_metric or (f"eval/{open_dataset(config.eval.datasets[0]).name}/mIoU"
+                                           if config.eval.datasets else "eval/best_mIoU")
+            best, version = register_champion(kept, uri, t.registered_model, metric)
+            log.info("registered %s version %s (step %d) as %s@champion", t.registered_model, version, best.step,
+                     t.registered_model)
+            return f"models:/{t.registered_model}@champion"
+    except Exception as exc:  # noqa: BLE001 - the models are an extra: the run and its files stand without them
+        log.warning("the run's models were not logged to MLflow: %s", exc)
+        Tracker(uri).set_tags(run_id, {"pgseg.models_error": str(exc)[:5000]})
+    return None

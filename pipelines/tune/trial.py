@@ -90,8 +90,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         tune.report(ended)
         return
     variant, label, values = setup.describe(params)
+    # a trial's models are logged with its run, none registered: the trials would take the champion alias in turn
     run = {"train.name": f"trial_{trial_id}", "train.storage_path": setup.runs,
-           "tracking.run_name": f"{setup.spec.name}: {label}"}
+           "tracking.run_name": f"{setup.spec.name}: {label}", "tracking.registered_model": None}
     if setup.uri:
         run["tracking.uri"] = setup.uri
     plan = plan_training(setup.spec.config({**setup.values(params), **run}))
