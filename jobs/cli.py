@@ -37,7 +37,7 @@ class HelpfulParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import analyze, convert, data, evaluate, run, segment, sweep, train
+    from . import analyze, convert, data, evaluate, run, segment, serve, sweep, train
 
     parser = HelpfulParser(prog="pgseg", description="PGSeg on Ray: weakly open-vocabulary segmentation.")
     parser.add_argument("--version", action="version", version=f"pgseg {__version__}")
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_parser(sub)
     run.add_parser(sub)
     sweep.add_parser(sub)
+    serve.add_parser(sub)
     p = sub.add_parser("config", help="print a resolved config (preset or YAML, with --set overrides)")
     p.add_argument("config", nargs="?", default=None, help="preset name, YAML path or model file (.safetensors) (default: pgseg_vit_s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")

@@ -117,7 +117,7 @@ def read_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_P
                 io.BytesIO(source) if isinstance(source, bytes) else source)
         width, height = image.size
         if width * height > max_pixels:
-            raise ValueError(f"{name}: {width}×{height} ({width * height / 1e6:.0f} Mpx) is over the limit of "
+            raise ValueError(f"{name}: {width}×{height} ({width * height / 1e6:.3g} Mpx) is over the limit of "
                              f"{max_pixels / 1e6:g} Mpx")
         image.load()
     except Image.DecompressionBombError as exc:

@@ -1,6 +1,6 @@
 """Trained models as MLflow models. Each checkpoint a training run keeps becomes a ``LoggedModel`` of that run: a
 ``pyfunc`` that runs the zero-shot protocol (an image and a class list in; the mask, its label names and the class
-areas out), with its step, the metrics reported with it and the shards it was trained on. The best of them by the
+areas out), with its step, the metrics reported with it (as ``metric.*`` parameters) and the shards it was trained on. The best of them by the
 selection metric is registered under the config's name with the alias ``champion``, so that
 ``mlflow models serve -m models:/NAME@champion --env-manager local`` serves it (pgseg must be installed where it
 is served: the model carries its weights and config, not our code)."""
@@ -110,7 +110,7 @@ def requirements() -> list[str]:
 def log_kept_models(run_id: str, uri: str, checkpoints: Sequence[tuple[Any, dict[str, Any]]], config: Any,
                     example_image: bytes, example_classes: str) -> list[KeptModel]:
     """Each (Ray Train checkpoint, its reported metrics) as a LoggedModel of ``run_id``: the model exported in our
-    format, its step, the numeric metrics reported with it (also linked to the model), the shards as a parameter."""
+    format; its step, the numeric metrics reported with it and the shards as parameters."""
     from pgseg.segment import background_threshold
     from pgseg.train import export_model
 
@@ -129,10 +129,11 @@ def log_kept_models(run_id: str, uri: str, checkpoints: Sequence[tuple[Any, dict
                 name=f"model-step-{step}", python_model=SegmentationModel(), artifacts={"model": str(target)},
                 signature=signature(background_threshold(None, config.eval)), input_example=example, pip_requirements=requirements(), step=step,
                 params={"step": str(step), "data.shards": json.dumps([str(s) for s in config.data.shards]),
-                        "checkpoint": str(checkpoint.path)},
+                        "checkpoint": str(checkpoint.path),
+                        # the run has these at this step already: linked again as metrics, they would appear
+                        # twice in its history (MLflow writes a model's metrics into its run's too)
+                        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}},
                 tags={"pgseg.kind": "checkpoint"})
-            if metrics:
-                mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
             kept.append(KeptModel(step, info.model_id, metrics))
     return kept
 
@@ -151,3 +152,18 @@ def register_champion(kept: Sequence[KeptModel], uri: str, name: str, metric: st
     client = mlflow.MlflowClient(uri)
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return best, str(version.version)
+
+
+def download_model_file(uri: str, tracking_uri: str | None = None) -> Path:
+    """The pgseg model file inside an MLflow model (``models:/NAME@champion``, ``models:/m-…``, ``runs:/…``),
+    downloaded from the tracking server (``tracking_uri``, else $MLFLOW_TRACKING_URI)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+    except mlflow.exceptions.MlflowException as exc:
+        raise FileNotFoundError(f"{uri}: {str(exc).splitlines()[0]}") from None
+    files = sorted(local.rglob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{uri}: expected one pgseg model file (.safetensors) in it, found {len(files)}")
+    return files[0]

@@ -1,0 +1,152 @@
+"""`pgseg serve`'s deployment on a real Ray Serve (the session's Ray, HTTP on 127.0.0.1): concurrent requests are
+batched and answered with the masks of the in-process protocol; bad requests get 4xx with the reason and the
+replica keeps serving; nothing listens beyond loopback."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from mlflow_process import free_port
+from PIL import Image
+
+
+def _post(url: str, body: bytes, kind: str = "image/jpeg", timeout: float = 120) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, trained_tiny):
+    from ray import serve
+
+    from pipelines.serve import ServeSettings, deployment, wait_until_healthy
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(str(trained_tiny), max_bytes=300_000, max_pixels=1_000_000, max_classes=8,
+                             max_name_chars=20, max_batch_size=4, batch_wait_s=0.25)
+    serve.run(deployment(settings, replicas=1, cpus=0.5), name="pgseg", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(url, 300)
+    yield url
+    serve.shutdown()
+
+
+def test_concurrent_requests_are_batched_and_give_the_in_process_masks(service, trained_tiny, shapes_data):
+    from pgseg.checkpoint import load_model
+    from pgseg.segment import ProtocolSettings, Segmenter, read_image
+
+    images = sorted(shapes_data["val"].rglob("*.jpg"))
+    names = list(shapes_data["world"].classes)
+    before = _get(f"{service}/stats")
+    url = f"{service}/segment?classes={','.join(names)}&bg_thresh=0"
+    with ThreadPoolExecutor(len(images)) as pool:
+        answers = list(pool.map(lambda p: _post(url, p.read_bytes()), images))
+    model, config = load_model(trained_tiny)
+    segmenter = Segmenter(model, names, ProtocolSettings.of(config.eval, 0.0))
+    labels_seen = set()
+    for path, (status, body) in zip(images, answers):
+        assert status == 200, body
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+        expected = segmenter(read_image(path)).labels.numpy()
+        np.testing.assert_array_equal(mask, expected)
+        assert body["labels"] == ["background", *names] and sum(body["areas"].values()) == pytest.approx(1.0)
+        overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+        assert overlay.width >= body["width"] and (body["width"], body["height"]) == Image.open(path).size
+        labels_seen |= set(np.unique(mask).tolist())
+    assert len(labels_seen) >= 2  # the masks compared are not one label everywhere
+    after = _get(f"{service}/stats")
+    assert after["requests"] - before["requests"] == len(images)
+    assert after["largest_batch"] >= 2  # several requests went through the model together
+    assert sum(int(k) * v for k, v in after["batch_sizes"].items()) - sum(
+        int(k) * v for k, v in before["batch_sizes"].items()) == len(images)
+
+
+def test_bad_requests_get_4xx_with_the_reason_and_the_replica_keeps_serving(service, shapes_data):
+    image = sorted(shapes_data["val"].rglob("*.jpg"))[0].read_bytes()
+    segment = f"{service}/segment?classes=circle,square"
+    cases = [
+        ((segment, image, "text/plain"), 415, "Content-Type"),
+        ((segment, b"x" * 300_001, "image/png"), 413, "bytes"),
+        ((segment, b"not an image at all", "image/png"), 400, "<image>"),
+        ((f"{service}/segment?classes=%20,%20", image, "image/jpeg"), 400, "class list is empty"),
+        ((f"{service}/segment?classes=a,b,a", image, "image/jpeg"), 400, "more than once"),
+        ((f"{service}/segment?classes={','.join(f'c{i}' for i in range(9))}", image, "image/jpeg"), 400, "at most 8"),
+        ((f"{service}/segment?classes={'x' * 21}", image, "image/jpeg"), 400, "longer than 20"),
+        ((f"{segment}&bg_thresh=2", image, "image/jpeg"), 400, "bg_thresh"),
+        ((segment, _png(1100, 1000), "image/png"), 413, "1.1 Mpx) is over the limit of 1 Mpx"),
+    ]
+    for (url, body, kind), status, words in cases:
+        got, answer = _post(url, body, kind)
+        assert got == status and words in answer.get("error", ""), (url[-40:], kind, got, answer)
+    status, answer = _post(segment, image)
+    assert status == 200 and answer["labels"] == ["background", "circle", "square"]
+    assert _get(f"{service}/healthz")["status"] == "ok"
+
+
+def test_the_service_listens_on_loopback_only(service):
+    """The HTTP proxy's listening sockets, read from the kernel's table: every one on 127.0.0.1."""
+    port = int(service.rsplit(":", 1)[1])
+    listeners = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                    listeners.append(address)
+    assert listeners and all(a == "0100007F" for a in listeners), listeners  # 127.0.0.1, little-endian hex
+
+
+def test_pgseg_serve_refuses_bad_arguments_before_starting_ray(tmp_path, capsys):
+    from jobs.serve import main
+
+    assert main([str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such model file" in capsys.readouterr().err
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"")
+    for flags, words in ((["--autoscale", "3,1"], "MIN <= MAX"), (["--max-batch-size", "0"], "max-batch-size"),
+                         (["--port", "70000"], "--port")):
+        assert main([str(model), *flags]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_the_serve_config_for_a_cluster_builds_its_application(tmp_path):
+    """infra/serve.yaml's arguments build the application `serve deploy` would run; wrong ones are refused."""
+    import yaml
+
+    from pipelines.serve import build_app
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "infra" / "serve.yaml").read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "pipelines.serve:build_app"
+    built = build_app(application["args"])
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match="unknown \\['colour'\\]"):
+        build_app({**application["args"], "colour": "red"})
+    with pytest.raises(ValueError, match="max-batch-size must be >= 1"):
+        build_app({**application["args"], "max_batch_size": "0"})
+    with pytest.raises(ValueError, match="serve arguments"):
+        build_app({**application["args"], "replicas": "two"})
