@@ -143,6 +143,21 @@ def _eval() -> str:
     return "\n".join(lines + ["", _source(r, "eval-cpu.json")])
 
 
+def _serve() -> str:
+    r = json.loads((RESULTS / "serve-cpu.json").read_text())
+    labels = {"in_process": "in this process, one image after another (`pgseg segment`'s way)"}
+    lines = [f"Serving, `{r['preset']}` model, {r['image_size'][0]}×{r['image_size'][1]} images, {r['classes']} "
+             f"classes, one replica on {r['replica_cpus']} CPUs, batches of up to {r['max_batch_size']}:", "",
+             "| path | requests/s | p50 ms | p95 ms | ÷ in-process |", "|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        label = labels.get(name, f"`pgseg serve` over HTTP, {name.rsplit('_', 1)[1]} concurrent clients")
+        lines.append(f"| {label} | {row['requests_per_s']:.2f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
+                     f"{row['throughput_vs_in_process']:.2f}× |")
+    sizes = ", ".join(f"{n} × {k}" for k, n in r["batch_sizes"].items())
+    return "\n".join(lines + ["", f"Batches the replica formed (count × size): {sizes}.", "",
+                              _source(r, "serve-cpu.json")])
+
+
 def _quickstart() -> str:
     import numpy as np
 
@@ -248,7 +263,7 @@ def _table4() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check, "quickstart": _quickstart,
                                            "learner": _learner, "table4": _table4, "step": _step,
-                                           "matching": _matching, "eval": _eval}
+                                           "matching": _matching, "eval": _eval, "serve": _serve}
 BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
 
 
