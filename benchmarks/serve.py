@@ -1,5 +1,5 @@
 """Serving throughput and latency, side by side in one run: the zero-shot protocol called in this process, one image
-after another (``pgseg.segment.segment_image``, what ``pgseg segment`` does), against ``pgseg serve``'s Ray Serve
+after another (``pgseg.segment.segment_image`` and the same answer: mask and overlay PNGs, areas), against ``pgseg serve``'s Ray Serve
 deployment (one replica holding all the cores, batching on) over HTTP on 127.0.0.1 at 1, 4 and 16 concurrent
 clients, on the same images and class list. Requests/s and p50/p95 latency per level; ratios against in-process.
 The model has random weights of ``--preset`` (what is timed is the same computation whatever the weights).
@@ -53,13 +53,21 @@ def in_process(model_path: Path, images: list[bytes], requests: int) -> dict[str
     from pgseg.checkpoint import load_model
     from pgseg.segment import ProtocolSettings, Segmenter, background_threshold, read_image, segment_image
 
+    from pipelines.serve import answer
+
     model, config = load_model(model_path)
     settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval))
-    segment_image(Segmenter(model, CLASSES, settings), read_image(images[0]))  # warm-up
+
+    def one(data: bytes) -> dict:  # a request's work: decode, the class list's embeddings, the protocol, the answer
+        image = read_image(data)  # (mask and overlay PNGs, areas) that the service sends
+        labels, result, work = segment_image(Segmenter(model, CLASSES, settings), image)
+        return answer(image, (work, result.labels), labels, result.names)
+
+    one(images[0])  # warm-up
     latencies, start = [], time.perf_counter()
-    for i in range(requests):  # a request's work: decode, the class list's embeddings, the protocol
+    for i in range(requests):
         t = time.perf_counter()
-        segment_image(Segmenter(model, CLASSES, settings), read_image(images[i % len(images)]))
+        one(images[i % len(images)])
         latencies.append(time.perf_counter() - t)
     return _summary(latencies, time.perf_counter() - start)
 
