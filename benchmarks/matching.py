@@ -3,8 +3,8 @@ our two solvers (``ties="scipy"``: SciPy's algorithm compiled with numba, its ti
 Jonker-Volgenant; on a GPU, torch-linear-assignment's kernel) and torch-linear-assignment itself (PyPI; SciPy per
 image on a CPU, a Triton kernel on a GPU), for batches of 16, 256 and 1024 cost matrices of 8×8 and 64×64. Every
 solver's assignments are checked against SciPy's before its time counts (continuous random costs: one optimum), and
-on ±1 costs (many optima, as T-NPR's) its totals against SciPy's optimum. Medians of alternating rounds; ratios are the release
-way's time over each solver's.
+on ±1 costs (many optima, as T-NPR's) its totals against SciPy's optimum. Medians of alternating rounds; ratios
+are the release way's time over each solver's.
 
     python -m benchmarks.matching [--repeats 5] [--device cpu|cuda] [--out results/matching-cpu.json]
 """

@@ -1,10 +1,11 @@
 """Serving throughput and latency, side by side in one run: the zero-shot protocol called in this process, one image
-after another (``pgseg.segment.segment_image`` and the same answer: mask and overlay PNGs, areas), against ``pgseg serve``'s Ray Serve
-deployment (one replica holding all the cores, batching on) over HTTP on 127.0.0.1 at 1, 4 and 16 concurrent
-clients, on the same images and class list. Requests/s and p50/p95 latency per level; ratios against in-process.
+after another (``pgseg.segment.segment_image`` and the same answer: mask and overlay PNGs, areas), against
+``pgseg serve``'s Ray Serve deployment (one replica holding all the cores, batching on) over HTTP on 127.0.0.1 at
+1, 4 and 16 concurrent clients, on the same images and class list. Requests/s and p50/p95 latency per level; ratios against in-process.
 The model has random weights of ``--preset`` (what is timed is the same computation whatever the weights).
 
-    python -m benchmarks.serve [--preset tiny] [--images 16] [--size 320x240] [--requests 48] [--out results/serve-cpu.json]
+    python -m benchmarks.serve [--preset tiny] [--images 16] [--size 320x240] [--requests 48]
+                               [--out results/serve-cpu.json]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Trained models as MLflow models. Each checkpoint a training run keeps becomes a ``LoggedModel`` of that run: a
 ``pyfunc`` that runs the zero-shot protocol (an image and a class list in; the mask, its label names and the class
-areas out), with its step, the metrics reported with it (as ``metric.*`` parameters) and the shards it was trained on. The best of them by the
-selection metric is registered under the config's name with the alias ``champion``, so that
+areas out), with its step, the metrics reported with it (as ``metric.*`` parameters) and the shards it was trained
+on. The best of them by the selection metric is registered under the config's name with the alias ``champion``, so that
 ``mlflow models serve -m models:/NAME@champion --env-manager local`` serves it (pgseg must be installed where it
 is served: the model carries its weights and config, not our code)."""
 from __future__ import annotations
@@ -127,7 +127,8 @@ def log_kept_models(run_id: str, uri: str, checkpoints: Sequence[tuple[Any, dict
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
             info = mlflow.pyfunc.log_model(
                 name=f"model-step-{step}", python_model=SegmentationModel(), artifacts={"model": str(target)},
-                signature=signature(background_threshold(None, config.eval)), input_example=example, pip_requirements=requirements(), step=step,
+                signature=signature(background_threshold(None, config.eval)), input_example=example,
+                pip_requirements=requirements(), step=step,
                 params={"step": str(step), "data.shards": json.dumps([str(s) for s in config.data.shards]),
                         "checkpoint": str(checkpoint.path),
                         # the run has these at this step already: linked again as metrics, they would appear
