@@ -8,6 +8,9 @@ replica count or autoscaling bounds.
         → 4xx {"error": what is wrong}: 415 not an image type, 413 too many bytes or pixels, 400 an unreadable
           image, a bad class list or threshold. A bad request never takes the replica down.
     GET /healthz → {"status": "ok", "model": ..., "step": ...};  GET /stats → requests, batches, largest batch
+    GET / → a page to try it: drop an image, type class names, see the overlay with its legend and the areas,
+        download the mask (a static page on the same server: no other service, the same limits;
+        ``pipelines/serve_page.html``)
 
 ``build_app`` is also the entry of ``serve run pipelines.serve:build_app model=...`` and of a ``serve deploy`` config
 (``infra/serve.yaml``). (No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations as
@@ -18,12 +21,13 @@ import io
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 LOCAL_HOST = "127.0.0.1"
@@ -84,15 +88,17 @@ def parse_classes(text: str, settings: ServeSettings) -> list[str]:
 def answer(image: Any, work: tuple[Any, Any], labels: Any, names: list[str]) -> dict[str, Any]:
     """The JSON of one segmented image (the overlay drawn at the size segmented)."""
     from pgseg.segment import label_areas
-    from pgseg.visualize import overlay, palette_mask
+    from pgseg.visualize import PALETTE, overlay, palette_mask
 
     def png(picture: Any) -> str:
         buf = io.BytesIO()
         picture.save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
 
+    colors = np.array(PALETTE, np.uint8).reshape(-1, 3)[: len(names)].tolist()
     return {"labels": names, "areas": label_areas(labels, names), "width": image.width, "height": image.height,
-            "mask_png": png(palette_mask(labels)), "overlay_png": png(overlay(work[0], work[1], names))}
+            "colors": colors, "mask_png": png(palette_mask(labels)),
+            "overlay_png": png(overlay(work[0], work[1], names))}
 
 
 app = FastAPI(title="pgseg", docs_url=None, redoc_url=None)
@@ -112,6 +118,12 @@ class SegmentationService:
         self.segment_batch.set_max_batch_size(settings.max_batch_size)
         self.segment_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
         self.requests, self.batch_sizes = 0, Counter()
+        self.page_html = (resources.files("pipelines") / "serve_page.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(self) -> str:
+        """The page: drop an image, type class names, see the overlay, its legend and the areas, download the mask."""
+        return self.page_html
 
     @app.get("/healthz")
     def healthz(self) -> dict[str, Any]:

@@ -73,6 +73,8 @@ def test_concurrent_requests_are_batched_and_give_the_in_process_masks(service, 
         expected = segmenter(read_image(path)).labels.numpy()
         np.testing.assert_array_equal(mask, expected)
         assert body["labels"] == ["background", *names] and sum(body["areas"].values()) == pytest.approx(1.0)
+        palette = Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))).getpalette()
+        assert body["colors"] == [palette[3 * i:3 * i + 3] for i in range(len(names) + 1)]  # the legend's colours
         overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
         assert overlay.width >= body["width"] and (body["width"], body["height"]) == Image.open(path).size
         labels_seen |= set(np.unique(mask).tolist())
@@ -104,6 +106,17 @@ def test_bad_requests_get_4xx_with_the_reason_and_the_replica_keeps_serving(serv
     status, answer = _post(segment, image)
     assert status == 200 and answer["labels"] == ["background", "circle", "square"]
     assert _get(f"{service}/healthz")["status"] == "ok"
+
+
+def test_the_page_is_served_with_the_controls_its_script_uses(service):
+    """GET / is the page (a static file on the same server); the elements its script reads and the endpoint it calls
+    are there. (That a browser runs its script is not checked here.)"""
+    with urllib.request.urlopen(f"{service}/", timeout=30) as answer:
+        kind, page = answer.headers["content-type"], answer.read().decode()
+    assert kind.startswith("text/html")
+    for element in ('id="file"', 'id="classes"', 'id="threshold"', 'id="go"', 'id="overlay"', 'id="legend"',
+                    'id="areas"', 'id="download"', "fetch(`segment?${params}`"):
+        assert element in page, element
 
 
 def test_the_service_listens_on_loopback_only(service):
