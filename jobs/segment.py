@@ -7,7 +7,6 @@ segment the rest)."""
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from pathlib import Path
@@ -108,7 +107,7 @@ def _segment_all(segmenter, plan: list[tuple[Path, Path]], out: Path, args: argp
 
     from pgseg.fileio import atomic_write_bytes, atomic_write_json
     from pgseg.segment import label_areas, read_image, segment_image
-    from pgseg.visualize import overlay, palette_mask
+    from pgseg.visualize import overlay, palette_mask, png_bytes
 
     done, failed, scaled, background = 0, [], 0, 0
     for path, base in tqdm(plan, desc="segment", unit="image", disable=None, file=sys.stderr):
@@ -124,9 +123,7 @@ def _segment_all(segmenter, plan: list[tuple[Path, Path]], out: Path, args: argp
         background += set(areas) == {"background"}
         for suffix, picture in (("_mask.png", palette_mask(labels)),  # the overlay at the size segmented
                                 ("_overlay.png", overlay(work, result.labels, result.names))):
-            buf = io.BytesIO()
-            picture.save(buf, format="PNG")
-            atomic_write_bytes(base.with_name(base.name + suffix), buf.getvalue())
+            atomic_write_bytes(base.with_name(base.name + suffix), png_bytes(picture))
         record = {"image": str(path), "width": image.width, "height": image.height, "labels": result.names,
                   "areas": areas}
         if work is not image:

@@ -1,6 +1,7 @@
 """Pictures of segmentations: palette masks (VOC colours), overlays with a legend, grids of overlays."""
 from __future__ import annotations
 
+import io
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +22,14 @@ def voc_palette() -> list[int]:
 
 
 PALETTE = voc_palette()
+PALETTE_RGB = np.array(PALETTE, np.uint8).reshape(256, 3)  # label id → its colour
+
+
+def png_bytes(picture: Image.Image) -> bytes:
+    """A picture as the bytes of a PNG file."""
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def palette_mask(labels: torch.Tensor | np.ndarray) -> Image.Image:
@@ -45,7 +54,7 @@ def overlay(image: Image.Image, labels: torch.Tensor | np.ndarray, names: Sequen
     if factor > 1:  # small images (the shapes world's 64 px) drawn large enough to see
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
         arr = arr.repeat(factor, axis=0).repeat(factor, axis=1)
-    colours = np.array(PALETTE, np.uint8).reshape(256, 3)[arr.astype(np.int64) % 256]
+    colours = PALETTE_RGB[arr.astype(np.int64) % 256]
     base = np.asarray(image.convert("RGB"), np.float32)
     blend = base * (1 - alpha) + colours.astype(np.float32) * alpha
     if names and names[0] == "background":

@@ -55,7 +55,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from pgseg.segment import (ProtocolSettings, Segmenter, background_threshold, clean_class_names, label_areas,
                                    read_image, segment_image)
-        from pgseg.visualize import palette_mask
+        from pgseg.visualize import palette_mask, png_bytes
 
         chosen = (params or {}).get("bg_thresh")
         settings = ProtocolSettings.of(self.config.eval, background_threshold(  # out of [0, 1]: a ConfigError
@@ -71,12 +71,6 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             out.append({"mask_png": base64.b64encode(png_bytes(palette_mask(labels))).decode(),
                         "labels": json.dumps(result.names), "areas": json.dumps(label_areas(labels, result.names))})
         return pd.DataFrame(out, columns=["mask_png", "labels", "areas"])
-
-
-def png_bytes(picture: Any) -> bytes:
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def decode_mask(mask_png: str) -> Any:
@@ -97,6 +91,8 @@ class KeptModel:
 def example_input() -> tuple[bytes, str]:
     """The input example logged with each model: a small PNG (a disc on a plain ground) and a class list."""
     from PIL import Image, ImageDraw
+
+    from pgseg.visualize import png_bytes
 
     picture = Image.new("RGB", (96, 64), (70, 130, 180))
     ImageDraw.Draw(picture).ellipse((28, 12, 68, 52), fill=(220, 60, 40))

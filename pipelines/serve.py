@@ -17,7 +17,6 @@ replica count or autoscaling bounds.
 objects, and through Ray Serve's ingress a string annotation is not resolved, so ``request`` would become a query
 parameter.)"""
 import base64
-import io
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -88,14 +87,12 @@ def parse_classes(text: str, settings: ServeSettings) -> list[str]:
 def answer(image: Any, work: tuple[Any, Any], labels: Any, names: list[str]) -> dict[str, Any]:
     """The JSON of one segmented image (the overlay drawn at the size segmented)."""
     from pgseg.segment import label_areas
-    from pgseg.visualize import PALETTE, overlay, palette_mask
+    from pgseg.visualize import PALETTE_RGB, overlay, palette_mask, png_bytes
 
     def png(picture: Any) -> str:
-        buf = io.BytesIO()
-        picture.save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode()
+        return base64.b64encode(png_bytes(picture)).decode()
 
-    colors = np.array(PALETTE, np.uint8).reshape(-1, 3)[: len(names)].tolist()
+    colors = PALETTE_RGB[: len(names)].tolist()
     return {"labels": names, "areas": label_areas(labels, names), "width": image.width, "height": image.height,
             "colors": colors, "mask_png": png(palette_mask(labels)),
             "overlay_png": png(overlay(work[0], work[1], names))}
