@@ -94,7 +94,7 @@ def quickstart(args: argparse.Namespace) -> int:
     rc, result = _execute(experiment, args)
     if result is None:
         return rc
-    from pipelines.tracking import resolve_uri
+    from pipelines.tracking import Tracker, resolve_uri, ui_link
 
     uri = resolve_uri(experiment.tracking.uri)
     print(f"\nquickstart: {time.perf_counter() - start:.0f} s in all; results in {experiment.root}")
@@ -109,9 +109,14 @@ def quickstart(args: argparse.Namespace) -> int:
         print(f"example overlays: {experiment.root / 'eval'}")
     if any(o.stage == "analyze" and o.record for o in result.outcomes):
         print(f"the groups apart from their names (pgseg analyze): {experiment.root / 'analyze'}")
+    tracked = experiment.tracking.enabled
+    found = Tracker(uri).client.get_experiment_by_name(experiment.tracking.experiment) if tracked else None
     if uri.startswith("sqlite:///"):
+        link = ui_link("http://127.0.0.1:5000", found.experiment_id) if found else "http://127.0.0.1:5000"
         print(f"look at the runs:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} "
-              f"--host 127.0.0.1 --workers 1   (then open http://127.0.0.1:5000)")
+              f"--host 127.0.0.1 --workers 1   (then open {link})")
+    elif uri.startswith(("http://", "https://")) and found:
+        print(f"look at the runs in MLflow: {ui_link(uri, found.experiment_id)}")
     else:
         print(f"look at the runs in MLflow at {uri}")
     return rc

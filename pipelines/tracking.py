@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_KEY_TAG = "pgseg.run_key"  # a training run: its storage folder and name
 KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # MLflow 3's kind of an experiment
+# MLflow 3.17's UI shows every experiment in one of two views, GenAI (traces) or model training (runs, charts), by a
+# switch of its own (kept in the browser, GenAI at first) and not by the experiment's kind: a link names the view
+UI_VIEW = "workflowType=machine_learning"
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -44,6 +47,13 @@ def resolve_uri(uri: str | None) -> str:
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         return prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def ui_link(server: str, experiment_id: str, run_id: str | None = None, page: str = "") -> str:
+    """The address of an experiment (or one of its runs, and a page of the run: ``model-metrics``,
+    ``artifacts/eval/voc_iou.json``) in the MLflow UI at ``server``, in its model-training view (:data:`UI_VIEW`)."""
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + (f"/{page}" if page else "")
+    return f"{server.rstrip('/')}/{path}?{UI_VIEW}"
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
@@ -84,8 +94,8 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------------ runs
     def experiment_id(self, name: str) -> str:
-        """The experiment ``name``, created as a model-training one (MLflow's UI then opens it on its runs table and
-        charts, not on its GenAI traces view); one of ours that has no kind yet gets it, a kind someone set stays."""
+        """The experiment ``name``, created as a model-training one (its kind tag; one of ours that has no kind yet
+        gets it, a kind someone set stays). MLflow 3.17's UI opens it in the view :func:`ui_link` names."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             return self.client.create_experiment(name, tags={KIND_TAG: MODEL_TRAINING})
