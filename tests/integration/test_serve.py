@@ -163,3 +163,91 @@ def test_the_serve_config_for_a_cluster_builds_its_application(tmp_path):
         build_app({**application["args"], "max_batch_size": "0"})
     with pytest.raises(ValueError, match="serve arguments"):
         build_app({**application["args"], "replicas": "two"})
+
+
+_CANVAS_PIXELS = """
+const img = document.getElementById(arguments[0]);
+const canvas = document.createElement("canvas");
+canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+const context = canvas.getContext("2d");
+context.drawImage(img, 0, 0);
+const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+let text = "";
+for (let i = 0; i < data.length; i += 32768) text += String.fromCharCode.apply(null, data.subarray(i, i + 32768));
+return [canvas.width, canvas.height, btoa(text)];
+"""
+
+
+def _shown_pixels(page, element: str) -> np.ndarray:
+    """The picture an <img> shows, as the browser decoded it (drawn on a canvas): RGBA [H, W, 4]."""
+    width, height, data = page.execute_script(_CANVAS_PIXELS, element)
+    return np.frombuffer(base64.b64decode(data), np.uint8).reshape(height, width, 4)
+
+
+def test_the_page_segments_an_image_in_a_real_browser(service, trained_tiny, shapes_data, tmp_path):
+    """In headless Chromium, as a person would: choose a shapes-world image, type the classes, move the threshold,
+    press Segment; the overlay the page shows is, pixel for pixel, the one drawn from the model's own labels; the
+    legend, the areas and the downloadable mask are the model's; an empty class list shows the service's reason."""
+    from browser import open_browser, page_text, screenshot, wait_until
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from pgseg.checkpoint import load_model
+    from pgseg.segment import ProtocolSettings, Segmenter, label_areas, read_image, segment_image
+    from pgseg.visualize import PALETTE_RGB, overlay
+
+    names = list(shapes_data["world"].classes)
+    model, config = load_model(trained_tiny)
+    segmenter = Segmenter(model, names, ProtocolSettings.of(config.eval, 0.0))  # the slider's first step: 0.00
+    for source in sorted(shapes_data["val"].rglob("*.jpg")):  # an image the model finds something in
+        upload = tmp_path / "shapes.png"  # enlarged, so the page (and its screenshot) shows it at a readable size
+        Image.open(source).convert("RGB").resize((256, 256), Image.NEAREST).save(upload)
+        labels, result, work = segment_image(segmenter, read_image(upload))
+        if len(np.unique(labels.numpy())) >= 2:
+            break
+    all_names = ["background", *names]
+    expected_overlay = np.asarray(overlay(work, result.labels, all_names))
+    expected_areas = label_areas(labels, all_names)
+
+    page = open_browser()
+    try:
+        page.get(f"{service}/")
+        page.find_element(By.ID, "file").send_keys(str(upload))
+        page.find_element(By.ID, "classes").send_keys(", ".join(names))
+        page.find_element(By.ID, "threshold").send_keys(Keys.ARROW_RIGHT)  # "default" → 0.00
+        assert page.find_element(By.ID, "threshold-value").text == "0.00"
+        page.find_element(By.ID, "go").click()
+        state = wait_until(lambda: page.execute_script("return document.body.dataset.state") in ("done", "failed")
+                           and page.execute_script("return document.body.dataset.state"), 120, "the answer", page)
+        assert state == "done", page.find_element(By.ID, "error").text
+        wait_until(lambda: page.execute_script("const i = document.getElementById('overlay');"
+                                               "return i.complete && i.naturalWidth > 0"), 30, "the overlay", page)
+        shown = _shown_pixels(page, "overlay")
+        assert (shown[..., 3] == 255).all()
+        np.testing.assert_array_equal(shown[..., :3], expected_overlay)  # what a person sees is the model's answer
+
+        entries = page.find_elements(By.CSS_SELECTOR, "#legend .entry")
+        assert [e.text for e in entries] == all_names
+        swatches = [e.find_element(By.CSS_SELECTOR, ".swatch").value_of_css_property("background-color")
+                    for e in entries]
+        assert swatches == [f"rgba({r}, {g}, {b}, 1)" for r, g, b in PALETTE_RGB[:len(all_names)].tolist()]
+        rows = [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
+                for r in page.find_elements(By.CSS_SELECTOR, "#areas tbody tr")]
+        assert sorted(rows) == sorted([name, f"{100 * share:.1f} %"] for name, share in expected_areas.items())
+        href = page.find_element(By.ID, "download").get_attribute("href")
+        assert href.startswith("data:image/png;base64,")
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))))
+        np.testing.assert_array_equal(mask, labels.numpy())  # the mask to download: the labels at the image's size
+        picture = screenshot(page, "serve-page.png", tmp_path)
+        assert Image.open(picture).size[0] > 0
+
+        classes = page.find_element(By.ID, "classes")
+        classes.clear()
+        classes.send_keys(" , ")
+        page.find_element(By.ID, "go").click()
+        wait_until(lambda: page.execute_script("return document.body.dataset.state") == "failed", 60,
+                   "the refusal", page)
+        assert "class list is empty" in page.find_element(By.ID, "error").text
+        assert "Segment an image with any words" in page_text(page)
+    finally:
+        page.quit()

@@ -13,7 +13,7 @@ def test_readme_starts_with_the_quickstart_and_the_test_command_ci_runs():
     quickstart, tests = first_block
     assert quickstart.endswith("pgseg quickstart") and "pip install -e" in quickstart
     ci_lines = [l for l in (REPO / ".ci/run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd ", "export "))]
-    assert ci_lines == [tests]
+    assert ci_lines == ["command -v chromedriver >/dev/null || .ci/browser", tests]  # the browser tests' Chromium
     assert "pytest" in tests
 
 
