@@ -1,4 +1,4 @@
-"""``pgseg data sources | download | shapes | inspect`` (and ``python -m jobs.data …`` for ``ray job submit``)."""
+"""``pgseg data sources | download | import | shapes | inspect`` (and ``python -m jobs.data …`` for ``ray job submit``)."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,17 @@ def cmd_download(args: argparse.Namespace) -> int:
         run_id = log_manifest(manifest, uri=args.track, params={"url_list": args.url_list, "output": args.out,
                                                                 "image_size": spec.image_size})
         print(f"manifest logged to MLflow run {run_id} at {args.track}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pipelines.data.shard_sets import KeyMap, import_shards
+
+    keys = KeyMap.parse(args.image_keys, args.caption)
+    manifest = import_shards(args.source, args.out, keys, sample_shards=args.sample_shards, decode=args.decode,
+                             overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+    print(f"train on it: --set data.shards=[{Path(args.out).resolve()}] (with others to mix: data.weights)")
     return 0
 
 
@@ -146,6 +157,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="log the manifest to MLflow (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)")
     _download_options(p)
     p.set_defaults(func=cmd_download)
+    p = dsub.add_parser("import", help="a shard set downloaded elsewhere (img2dataset output, a webdataset mirror) "
+                                       "checked by sampling and described by a manifest, to train on where it is")
+    p.add_argument("source", help="its tars: a folder, a glob, or a folder URI (file://, s3://, gs://)")
+    p.add_argument("--out", required=True, help="the folder for the manifest (the tars stay where they are)")
+    p.add_argument("--image-keys", default=None, metavar="EXT[,EXT…]",
+                   help="extensions that hold the image, first found wins (default jpg,jpeg,png,webp)")
+    p.add_argument("--caption", default=None, metavar="EXT|json:FIELD",
+                   help="where the caption is: an extension (default txt) or a field of the sample's JSON")
+    p.add_argument("--sample-shards", type=int, default=8, help="tars read whole to check and count them")
+    p.add_argument("--decode", type=int, default=16, help="images opened per tar read")
+    p.add_argument("--overwrite", action="store_true", help="replace a manifest already in --out")
+    p.set_defaults(func=cmd_import)
     p = dsub.add_parser("shapes", help="generate the shapes world, serve it on 127.0.0.1, download it into shards")
     p.add_argument("out", help="the world's folder: www/ (images), val/ (VOC layout), urls/, shards/")
     p.add_argument("--train", type=int, default=20000, help="training image-caption pairs")

@@ -30,7 +30,8 @@ from ray.data.datasource import FileBasedDatasource
 
 from pgseg.text import IMAGENET_TEMPLATES, NounVocabulary, noun_prompt_ids, tokenize
 from pipelines.data.download import MANIFEST, read_manifest
-from pipelines.data.tar_reader import DAMAGED_TAR, IMAGE_KEYS, REPEATED_KEY, TEXT_KEYS, tar_samples
+from pipelines.data.shard_sets import KeyMap, mapped_samples, same_file
+from pipelines.data.tar_reader import DAMAGED_TAR, IMAGE_KEYS, REPEATED_KEY, TEXT_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,25 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ shard lists
+def _located(root: Path, tar: str) -> str:
+    """A manifest's shard: beside the manifest (our downloads), or where an imported set keeps it (path or URI)."""
+    return tar if "://" in tar or Path(tar).is_absolute() else str(root / tar)
+
+
+def key_maps(sources: list[str]) -> dict[str, KeyMap]:
+    """The key mapping of each shard of an imported set among ``sources`` (by :func:`same_file`); ours need none."""
+    out: dict[str, KeyMap] = {}
+    for src in sources:
+        path = Path(src)
+        if path.is_dir() and (path / MANIFEST).is_file() or path.name == MANIFEST:
+            manifest = read_manifest(path)
+            keys = KeyMap.of(manifest.get("keys"))
+            if not keys.is_default():
+                root = path if path.is_dir() else path.parent
+                out.update({same_file(_located(root, s["tar"])): keys for s in manifest["shards"]})
+    return out
+
+
 def shard_list(sources: list[str]) -> list[str]:
     """Tar paths from globs, folders (their manifest's shards, else every tar) and manifest files."""
     out: list[str] = []
@@ -48,7 +68,7 @@ def shard_list(sources: list[str]) -> list[str]:
         path = Path(src)
         if path.is_dir() and (path / MANIFEST).is_file() or path.name == MANIFEST:
             root = path if path.is_dir() else path.parent
-            out += [str(root / s["tar"]) for s in read_manifest(path)["shards"] if s["samples"] > 0]
+            out += [_located(root, s["tar"]) for s in read_manifest(path)["shards"] if s["samples"] > 0]
         elif path.is_dir():
             out += sorted(str(p) for p in path.glob("*.tar"))
         else:
@@ -99,9 +119,13 @@ class TarShards(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["tar"]
 
+    def __init__(self, paths: list[str], keys: dict[str, KeyMap] | None = None):
+        super().__init__(paths)
+        self.keys = keys or {}  # imported sets' shards: where their image and caption are
+
     def _read_stream(self, stream: Any, path: str):
         rows: list[dict[str, Any]] = []
-        for sample in tar_samples(stream, path):
+        for sample in mapped_samples(stream, path, self.keys.get(same_file(path))):
             rows.append(sample)
             if len(rows) == READ_ROWS:
                 yield pd.DataFrame.from_records(rows)
@@ -247,16 +271,18 @@ class Ingest:
     noun_vocabulary: str | None = None
     deterministic: bool = False  # seeded augmentation (per batch of keys) and ordered reading
 
+    keys: dict[str, KeyMap] | None = None  # the key mapping of imported sets' shards (see shard_sets)
+
     def __post_init__(self) -> None:
         self.counter = SkipCounter.remote()
 
     @classmethod
     def from_paths(cls, paths: list[str], **kw: Any) -> "Ingest":
-        return cls([shard_list([p]) for p in paths], **kw)
+        return cls([shard_list([p]) for p in paths], keys=key_maps(paths), **kw)
 
     def dataset(self, pass_index: int = 0) -> ray.data.Dataset:
         shards = pass_shards(self.sources, self.weights, pass_index, self.seed)  # augmented or not
-        ds = ray.data.read_datasource(TarShards(shards))
+        ds = ray.data.read_datasource(TarShards(shards, self.keys))
         udf = Preprocess(self.img_size, self.context_length, self.min_scale, self.counter, self.train,
                          self.multi_label, self.noun_vocabulary, (self.seed, pass_index) if self.deterministic else None)
         ds = ds.map_batches(udf, batch_format="pandas", batch_size=256)

@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from pgseg.config import dump_config, flatten, to_dict
 from pgseg.train import export_model, scaled_rates, warmup_steps
-from pipelines.data.ingest import Ingest
+from pipelines.data.ingest import Ingest, key_maps
 from pipelines.rendezvous import torch_config
 from pipelines.runtime import check_resources, cluster_resources, on_loopback, train_log_level
 from pipelines.tracking import Tracker, start_training_run
@@ -55,7 +55,7 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     ingest = Ingest(plan.shards, config.data.img_size, config.model.text.context_length, config.data.min_scale,
                     config.data.weights, config.data.seed, train=config.data.augment,
                     multi_label=config.loss.multi_label, noun_vocabulary=config.loss.noun_vocabulary,
-                    deterministic=t.deterministic)
+                    deterministic=t.deterministic, keys=key_maps(config.data.shards))
     tracker = Tracker(config.tracking.uri, check=True) if config.tracking.enabled else None
     uri = tracker.uri if tracker else None
     run_id = None

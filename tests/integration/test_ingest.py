@@ -173,3 +173,35 @@ def test_deterministic_augmentation_follows_the_pass(shapes_data):
     assert (first["tokens"] == second["tokens"]).all()  # the same captions
     differ = [(first["image"][i] != second["image"][i]).any() for i in range(16)]
     assert sum(differ) >= 12 and (first["nouns"] != second["nouns"]).any()
+
+
+def test_an_imported_shard_set_trains_beside_our_own_shards(ray_local, shapes_data, tmp_path):
+    """A mirror's shards (WebP, captions in a JSON field), imported with their key mapping, read through Ray Data
+    together with the shapes world's downloaded shards: every usable sample of both, none skipped, the mirror's
+    captions tokenised as ours."""
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    from pgseg.text import tokenize
+    from pipelines.data.shard_sets import KeyMap, import_shards
+
+    mirror, captions = tmp_path / "mirror", []
+    mirror.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(mirror / f"part-{s}.tar")) as sink:
+            for i in range(6):
+                buf = io.BytesIO()
+                Image.new("RGB", (40, 30), (40 * i, 90, 30 * s)).save(buf, format="WEBP")
+                captions.append(f"a mirrored photo {s} {i}")
+                sink.write({"__key__": f"{s}{i:03d}", "webp": buf.getvalue(),
+                            "json": json.dumps({"caption": captions[-1]}).encode()})
+    imported = tmp_path / "imported"
+    import_shards(str(mirror), imported, KeyMap.parse("webp", "json:caption"))
+    ingest = Ingest.from_paths([str(imported), str(shapes_data["shards"])], img_size=32, context_length=16, seed=0)
+    tokens = torch.cat([b["tokens"] for b in ingest.dataset(0).iter_torch_batches(batch_size=64, drop_last=False)])
+    assert tokens.shape[0] == len(captions) + json.loads((shapes_data["shards"] / "manifest.json").read_text())["samples"]
+    assert all(v == 0 for v in ingest.skips().values()), ingest.skips()
+    rows = {tuple(r) for r in tokens.tolist()}
+    assert all(tuple(r) in rows for r in tokenize(captions, 16).tolist())
