@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from benchmarks.record import write_record
+from benchmarks.step import step_profile
 
 REPO = Path(__file__).resolve().parents[1]
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
@@ -167,33 +168,6 @@ def training_steps(device: torch.device, batch: int, repeats: int) -> dict:
     profile = step_profile(steps["pgseg_paper"][0], device) if "pgseg_paper" in steps else None
     return {"batch": batch, "img_size": 224, "precision": "bf16", "peak_flops": peak, "rounds": repeats,
             "steps": rows, "profile_pgseg_paper": profile}
-
-
-def step_profile(step: Callable[[], None], device: torch.device, rows: int = 15) -> dict:
-    """One step under torch's profiler: the top operators by self device time and by self host time, NPR's regions
-    and the optimiser's step (inclusive), and how many host waits the step has (synchronisations, device→host
-    copies, scalar reads)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step()
-        _sync(device)
-    events = prof.key_averages()
-
-    def top(key: str) -> list[dict]:
-        ranked = sorted(events, key=lambda e: -getattr(e, key))[:rows]
-        return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in ranked]
-
-    waits = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::_local_scalar_dense")
-    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return {"self_device_ms_total": sum(getattr(e, device_key) for e in events) / 1e3,
-            "self_host_ms_total": sum(e.self_cpu_time_total for e in events) / 1e3,
-            "top_by_device": top(device_key), "top_by_host": top("self_cpu_time_total"),
-            "regions": [{"op": e.key, "calls": e.count, "host_ms": e.cpu_time_total / 1e3,
-                         "device_ms": getattr(e, "device_time_total", 0) / 1e3}
-                        for e in events if e.key.startswith(("npr.", "Optimizer.step"))],
-            "host_waits": {e.key: e.count for e in events if e.key in waits}}
 
 
 def ray_train_step(device: torch.device, batch: int, steps: int) -> dict:

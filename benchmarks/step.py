@@ -124,18 +124,32 @@ def _flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def _profile(step: Callable[[], None], rows: int = 25) -> list[dict]:
-    from torch.profiler import profile
+def step_profile(step: Callable[[], None], device: torch.device, rows: int = 15) -> dict:
+    """One step under torch's profiler: the top operators by self device time and by self host time, NPR's regions
+    and the optimiser's step (inclusive), and how many host waits the step has (synchronisations, device→host
+    copies, scalar reads)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    with profile() as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         step()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    named = [e for e in prof.key_averages() if e.key.startswith(("npr.", "Optimizer.step"))]
-    top = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
-            "self_share": e.self_cpu_time_total / total} for e in events[:rows]]
-    parts = [{"op": e.key, "calls": e.count, "total_ms": e.cpu_time_total / 1e3} for e in named]
-    return top + [{"op": "-- regions (inclusive) --"}] + parts
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+
+    def top(key: str) -> list[dict]:
+        ranked = sorted(events, key=lambda e: -getattr(e, key))[:rows]
+        return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in ranked]
+
+    waits = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::_local_scalar_dense")
+    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {"self_device_ms_total": sum(getattr(e, device_key) for e in events) / 1e3,
+            "self_host_ms_total": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "top_by_device": top(device_key), "top_by_host": top("self_cpu_time_total"),
+            "regions": [{"op": e.key, "calls": e.count, "host_ms": e.cpu_time_total / 1e3,
+                         "device_ms": getattr(e, "device_time_total", 0) / 1e3}
+                        for e in events if e.key.startswith(("npr.", "Optimizer.step"))],
+            "host_waits": {e.key: e.count for e in events if e.key in waits}}
 
 
 def main() -> None:
@@ -170,7 +184,7 @@ def main() -> None:
         print(f"{name:14s} {seconds[name]:.3f} s/step  {args.batch / seconds[name]:.2f} images/s")
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
-    profile = _profile(steps["ours"]) if "ours" in steps else []
+    profile = step_profile(steps["ours"], torch.device(args.device)) if "ours" in steps else None
     commit, dirty = commit_state()
     write_record(args.out or REPO / "results" / f"step-{args.device}.json", {
         "command": "python -m benchmarks.step " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),

@@ -73,9 +73,15 @@ def run(args: argparse.Namespace) -> int:
         from pgseg.device import resolve_device
 
         resolve_device(args.device)
-        model_file(args.model, args.tracking_uri)  # here first: a missing model is said before Ray starts
+        fetched = model_file(args.model, args.tracking_uri)  # here first: a missing model is said before Ray starts
     except (ValueError, FileNotFoundError) as exc:
         return user_error(exc)
+    from dataclasses import replace
+
+    from pipelines.runtime import named_address
+
+    if not named_address(args.address):  # the replicas run on this machine: they read the file fetched here
+        settings = replace(settings, fetched=str(fetched))
     from ray import serve
 
     from pipelines.runtime import quiet_logs, start_ray

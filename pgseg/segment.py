@@ -319,8 +319,21 @@ def segment_image(segmenter: "Segmenter", image: Image.Image,
     image: ``image`` itself, or a copy downscaled to ``work_pixels`` whose labels were upscaled)."""
     work = downscale(image, work_pixels)
     result = segmenter(work)
-    labels = result.labels if work is image else upscale_labels(result.labels, (image.height, image.width))
-    return labels, result, work
+    return _at_size(result.labels, work, image), result, work
+
+
+def segment_images(segmenter: "Segmenter", images: Sequence[Image.Image],
+                   work_pixels: int = WORK_PIXELS) -> list[tuple[torch.Tensor, Segmentation, Image.Image]]:
+    """What :func:`segment_image` gives each of several images, their windows through the model together."""
+    works = [downscale(image, work_pixels) for image in images]
+    arrays = [np.asarray(work) for work in works]
+    results = segmenter.segment_many([(protocol_input(a, segmenter.settings), a.shape[:2], None) for a in arrays])
+    return [(_at_size(r.labels, work, image), r, work) for image, work, r in zip(images, works, results)]
+
+
+def _at_size(labels: torch.Tensor, work: Image.Image, image: Image.Image) -> torch.Tensor:
+    """The labels of ``work`` at the size of ``image`` (the same picture, or it downscaled)."""
+    return labels if work is image else upscale_labels(labels, (image.height, image.width))
 
 
 def upscale_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -24,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
@@ -43,6 +42,7 @@ class ServeSettings:
     max_name_chars: int = 64
     max_batch_size: int = 8
     batch_wait_s: float = 0.02
+    fetched: str | None = None  # ``model`` already fetched to a file every replica can read (an embedded Ray)
 
     def check(self) -> None:
         for name in ("max_bytes", "max_pixels", "max_classes", "max_name_chars", "max_batch_size"):
@@ -109,7 +109,7 @@ class SegmentationService:
         from pgseg.device import resolve_device
 
         self.settings = settings
-        path = model_file(settings.model, settings.tracking_uri)
+        path = Path(settings.fetched) if settings.fetched else model_file(settings.model, settings.tracking_uri)
         self.model, self.config = load_model(path, resolve_device(settings.device))
         self.step = model_step(path)
         self.segment_batch.set_max_batch_size(settings.max_batch_size)
@@ -175,8 +175,7 @@ class SegmentationService:
     async def segment_batch(self, items: list) -> list:
         """The images of a batch, those with one class list and threshold together (their windows in shared
         forward passes): each (labels at the image's size, label names, the image segmented)."""
-        from pgseg.segment import (ProtocolSettings, Segmenter, background_threshold, downscale, protocol_input,
-                                   upscale_labels)
+        from pgseg.segment import ProtocolSettings, Segmenter, background_threshold, segment_images
 
         self.batch_sizes[len(items)] += 1
         out: list[Any] = [None] * len(items)
@@ -186,12 +185,7 @@ class SegmentationService:
         for (names, bg), members in groups.items():
             settings = ProtocolSettings.of(self.config.eval, background_threshold(bg, self.config.eval))
             segmenter = Segmenter(self.model, list(names), settings, batch=self.settings.max_batch_size * 2)
-            works = [downscale(items[i][0]) for i in members]
-            arrays = [np.asarray(w) for w in works]
-            results = segmenter.segment_many([(protocol_input(a, settings), a.shape[:2], None) for a in arrays])
-            for i, work, result in zip(members, works, results):
-                image = items[i][0]
-                labels = result.labels if work is image else upscale_labels(result.labels, (image.height, image.width))
+            for i, (labels, result, work) in zip(members, segment_images(segmenter, [items[i][0] for i in members])):
                 out[i] = (labels, result.names, (work, result.labels))
         return out
 

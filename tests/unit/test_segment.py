@@ -272,3 +272,25 @@ def test_the_background_threshold_in_force_is_the_first_one_set():
     assert background_threshold(None, config, 0.95) == 0.4
     assert background_threshold(None, SimpleNamespace(bg_thresh=None), 0.95) == 0.95
     assert background_threshold(None, SimpleNamespace(bg_thresh=None), None) is None  # a dataset without background
+
+
+def test_several_images_together_give_what_each_gives_alone_large_ones_downscaled_and_labels_brought_back():
+    from pgseg.segment import segment_image, segment_images
+
+    seg = Segmenter.__new__(Segmenter)  # (as above: the stub model, class embeddings given)
+    seg.model, seg.class_names, seg.classes = SignModel(), ["a", "b", "c", "d"], CLASSES
+    seg.settings = ProtocolSettings(window=8, stride=4, short_side=8, bg_thresh=None)
+    seg.names, seg.batch = seg.class_names, 8
+    images = []
+    for h, w, split in ((13, 29, 9), (40, 64, 20), (9, 9, 3)):
+        rgb = np.zeros((h, w, 3), np.uint8)
+        rgb[:, :split] = 255
+        images.append(Image.fromarray(rgb))
+    work_pixels = 1000  # the 40×64 one (2560 pixels) is segmented downscaled
+    together = segment_images(seg, images, work_pixels)
+    for image, (labels, result, work) in zip(images, together):
+        alone_labels, alone, alone_work = segment_image(seg, image, work_pixels)
+        assert labels.shape == (image.height, image.width)
+        assert torch.equal(labels, alone_labels) and torch.equal(result.labels, alone.labels)
+        assert work.size == alone_work.size and (work is image) == (image.width * image.height <= work_pixels)
+    assert together[1][2].width * together[1][2].height <= work_pixels and len(np.unique(together[1][0])) == 2
