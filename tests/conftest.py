@@ -9,10 +9,12 @@ import torch
 
 from mlflow_process import MlflowServer
 from pipelines.runtime import start_ray, use_loopback
+from s3_process import S3Server, reserve_endpoint
 
 use_loopback()  # tests stay on 127.0.0.1: Ray reads these when it is imported (before any test module imports it)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("RAY_ADDRESS", None)  # the tests start their own clusters; a user's RAY_ADDRESS must not capture them
+S3_ENDPOINT = reserve_endpoint()  # s3:// in every process of the session goes to the test's own server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PGSEG_SHARED", REPO.parent / "shared"))
@@ -102,6 +104,14 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` with a sqlite backend on 127.0.0.1; yields its URI."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server.uri
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1, where every S3 client of the session points."""
+    server = S3Server(S3_ENDPOINT).start()
+    yield server
     server.stop()
 
 

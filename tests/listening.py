@@ -86,3 +86,16 @@ def run_watched(command: list[str], *, env: dict[str, str], cwd: str | Path, tim
     output = log.read_text()
     log.unlink()
     return Watched(proc.returncode, output, sockets)
+
+
+def listening_addresses(port: int) -> list[str]:
+    """The addresses (hex, as the kernel's tables write them: 127.0.0.1 is ``0100007F``) listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                    found.append(address)
+    return found

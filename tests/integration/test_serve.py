@@ -121,15 +121,9 @@ def test_the_page_is_served_with_the_controls_its_script_uses(service):
 
 def test_the_service_listens_on_loopback_only(service):
     """The HTTP proxy's listening sockets, read from the kernel's table: every one on 127.0.0.1."""
-    port = int(service.rsplit(":", 1)[1])
-    listeners = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                local, state = line.split()[1], line.split()[3]
-                address, hex_port = local.rsplit(":", 1)
-                if state == "0A" and int(hex_port, 16) == port:  # LISTEN
-                    listeners.append(address)
+    from listening import listening_addresses
+
+    listeners = listening_addresses(int(service.rsplit(":", 1)[1]))
     assert listeners and all(a == "0100007F" for a in listeners), listeners  # 127.0.0.1, little-endian hex
 
 
