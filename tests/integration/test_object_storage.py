@@ -1,5 +1,6 @@
 """``s3://`` for real, against moto's S3 server on 127.0.0.1 (tests/s3_process.py): a shard set in a bucket is
-imported where it is and read by Ray Data's workers through the session's Ray, every sample of it."""
+imported where it is and read by Ray Data's workers through the session's Ray, every sample of it; a training run
+stored in a bucket checkpoints there and resumes from there."""
 from __future__ import annotations
 
 import io
@@ -53,3 +54,37 @@ def test_the_s3_server_listens_on_loopback_only(s3_server):
 
     listeners = listening_addresses(int(s3_server.endpoint.rsplit(":", 1)[1]))
     assert listeners and all(a == "0100007F" for a in listeners), listeners  # 127.0.0.1
+
+
+def test_a_run_stored_in_a_bucket_checkpoints_there_and_resumes_from_it(ray_local, shapes_data, s3_server, tmp_path):
+    """train.storage_path = s3://…: Ray Train's checkpoints (our state file in each) are objects in the bucket; a
+    run stopped at a checkpoint continues from it there, and the finished run's model is exported from it."""
+    import pyarrow.fs as pafs
+    from training_runs import checkpoint_state, tiny_config
+
+    from pgseg.checkpoint import model_step
+    from pgseg.train import STATE_FILE
+    from pipelines.train import fit, plan_training
+
+    bucket = s3_server.bucket("runs")
+    sets = ["data.batch_size=32", "train.checkpoint_every=4", "train.name=in-bucket",
+            f"train.storage_path={bucket}/pgseg"]
+    first = fit(plan_training(tiny_config(shapes_data, tmp_path, *sets, "train.stop_after=4")))
+    assert (first.step, first.finished) == (4, False)
+    fs, _ = pafs.FileSystem.from_uri(bucket)
+    stored = [i.path for i in fs.get_file_info(pafs.FileSelector("runs/pgseg/in-bucket", recursive=True))]
+    states = [p for p in stored if p.endswith(f"/{STATE_FILE}")]
+    assert states, stored  # the checkpoint is in the bucket, not on this disk
+    assert not (tmp_path / "runs").exists()
+
+    config = tiny_config(shapes_data, tmp_path, *sets)
+    resumed = fit(plan_training(config))
+    assert resumed.finished and resumed.step == plan_training(config).total_steps > first.step
+    assert resumed.run_id == first.run_id  # the same MLflow run, continued
+    assert model_step(resumed.model_file) == resumed.step  # exported from the bucket's last checkpoint
+    stored = [i.path for i in fs.get_file_info(pafs.FileSelector("runs/pgseg/in-bucket", recursive=True))]
+    assert len([p for p in stored if p.endswith(f"/{STATE_FILE}")]) > len(states)
+    latest = sorted(p for p in stored if p.endswith(f"/{STATE_FILE}"))[-1]  # (checkpoint folders named by time)
+    (tmp_path / "latest").mkdir()
+    pafs.copy_files(f"s3://{latest}", str(tmp_path / "latest" / STATE_FILE))
+    assert checkpoint_state(tmp_path / "latest")["step"] == resumed.step
