@@ -37,8 +37,9 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, artifacts: str | None = None):
         self.root, self.port = Path(root), free_port()
+        self.artifacts = artifacts or str(self.root / "artifacts")  # a folder, or an s3:// URI
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -46,7 +47,7 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--artifacts-destination", self.artifacts, "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for_http(f"{self.uri}/health", self.proc, "mlflow server", 120)
         return self

@@ -88,3 +88,32 @@ def test_a_run_stored_in_a_bucket_checkpoints_there_and_resumes_from_it(ray_loca
     (tmp_path / "latest").mkdir()
     pafs.copy_files(f"s3://{latest}", str(tmp_path / "latest" / STATE_FILE))
     assert checkpoint_state(tmp_path / "latest")["step"] == resumed.step
+
+
+def test_an_mlflow_server_keeps_our_artifacts_in_a_bucket(s3_server, tmp_path):
+    """MLflow's artifact store on S3 (``mlflow server --artifacts-destination s3://…``): what we log (a run's
+    evaluation table and its text) becomes objects in the bucket and reads back the same through the
+    server."""
+    import pyarrow.fs as pafs
+    from mlflow_process import MlflowServer
+
+    from pipelines.tracking import Tracker
+
+    bucket = s3_server.bucket("mlflow-artifacts")
+    server = MlflowServer(tmp_path, artifacts=f"{bucket}/store").start()
+    try:
+        tracker = Tracker(server.uri, check=True)
+        run_id = tracker.create_run("in-a-bucket", "eval")
+        table = {"class": ["circle", "square"], "iou": [0.5, 0.25]}
+        tracker.log_table(run_id, table, "eval/val_iou.json")
+        tracker.log_text(run_id, "mIoU 37.50", "eval/val_iou.md")
+        tracker.end(run_id, "FINISHED")
+        fs, _ = pafs.FileSystem.from_uri(bucket)
+        stored = {i.path.rsplit("/artifacts/", 1)[-1]
+                  for i in fs.get_file_info(pafs.FileSelector("mlflow-artifacts/store", recursive=True))
+                  if i.type == pafs.FileType.File}
+        assert {"eval/val_iou.json", "eval/val_iou.md"} <= stored, stored
+        back = tracker.client.download_artifacts(run_id, "eval/val_iou.md", str(tmp_path))
+        assert open(back).read() == "mIoU 37.50"
+    finally:
+        server.stop()
