@@ -36,7 +36,7 @@ class KeyMap:
         """From the command line's ``--image-keys jpg,webp`` and ``--caption txt | json:FIELD`` (ValueError naming
         the bad one)."""
         keys = tuple(k.strip().lower().lstrip(".") for k in (image or ",".join(IMAGE_KEYS)).split(","))
-        if not keys or not all(k and k.replace("_", "").isalnum() for k in keys):
+        if not all(k and k.replace("_", "").isalnum() for k in keys):
             raise ValueError(f"--image-keys {image!r}: expected extensions separated by commas, e.g. jpg,png,webp")
         caption = (caption or "txt").strip()
         ext, sep, field = caption.partition(":")

@@ -181,22 +181,13 @@ def test_an_imported_shard_set_trains_beside_our_own_shards(ray_local, shapes_da
     captions tokenised as ours."""
     import json
 
-    import webdataset as wds
-    from PIL import Image
+    from mirrors import write_mirror
 
     from pgseg.text import tokenize
     from pipelines.data.shard_sets import KeyMap, import_shards
 
-    mirror, captions = tmp_path / "mirror", []
-    mirror.mkdir()
-    for s in range(2):
-        with wds.TarWriter(str(mirror / f"part-{s}.tar")) as sink:
-            for i in range(6):
-                buf = io.BytesIO()
-                Image.new("RGB", (40, 30), (40 * i, 90, 30 * s)).save(buf, format="WEBP")
-                captions.append(f"a mirrored photo {s} {i}")
-                sink.write({"__key__": f"{s}{i:03d}", "webp": buf.getvalue(),
-                            "json": json.dumps({"caption": captions[-1]}).encode()})
+    mirror = tmp_path / "mirror"
+    captions = [c for shard in write_mirror(mirror, shards=2, per_shard=6).values() for c in shard]
     imported = tmp_path / "imported"
     import_shards(str(mirror), imported, KeyMap.parse("webp", "json:caption"))
     ingest = Ingest.from_paths([str(imported), str(shapes_data["shards"])], img_size=32, context_length=16, seed=0)

@@ -10,6 +10,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from mirrors import write_mirror
+
 from pipelines.data.ingest import key_maps, shard_list
 from pipelines.data.shard_sets import KeyMap, import_shards, mapped_samples
 
@@ -21,20 +23,8 @@ def _image(i: int, fmt: str) -> bytes:
 
 
 def _mirror(root, shards: int = 3, per_shard: int = 5) -> dict[str, list[str]]:
-    """A mirror's shards: ``webp`` + ``json`` ({"caption": …}); the last sample of each has no caption field.
-    Returns each shard's captions (the usable samples)."""
-    root.mkdir(parents=True, exist_ok=True)
-    captions = {}
-    for s in range(shards):
-        name = f"part-{s:03d}"
-        captions[name] = []
-        with wds.TarWriter(str(root / f"{name}.tar")) as sink:
-            for i in range(per_shard):
-                meta = {"caption": f"a red circle number {s}-{i}", "width": 24} if i < per_shard - 1 else {"width": 24}
-                if "caption" in meta:
-                    captions[name].append(meta["caption"])
-                sink.write({"__key__": f"{s:03d}{i:04d}", "webp": _image(i, "WEBP"), "json": json.dumps(meta).encode()})
-    return captions
+    """The last sample of each shard without a caption field; each shard's captions (the usable samples)."""
+    return write_mirror(root, shards, per_shard, size=(24, 16), uncaptioned_last=True)
 
 
 def test_a_mirror_with_json_captions_is_imported_and_read_as_ours(tmp_path):
