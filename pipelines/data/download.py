@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pgseg.config import ConfigError
-from pgseg.fileio import atomic_write_json
+from pipelines import storage
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,16 @@ def failure_kind(message: str) -> str:
 
 
 def _check_output_storage(output: str, spec: DownloadSpec) -> None:
-    """The Ray distributor writes from every node: refuse a node-local folder on a multi-node cluster."""
-    if spec.distributor != "ray" or spec.shared_storage or "://" in output:
+    """The Ray distributor writes from every node: refuse a node-local folder on a multi-node cluster. An object
+    store needs its fsspec filesystem (img2dataset writes through fsspec): s3fs for s3://, gcsfs for gs://."""
+    if storage.is_uri(output):
+        import fsspec
+
+        try:
+            fsspec.filesystem(output.split("://", 1)[0])
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"download output {output}: img2dataset cannot write there ({exc})") from None
+    if spec.distributor != "ray" or spec.shared_storage or storage.is_uri(output):
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
@@ -96,17 +104,21 @@ def _expected_shards(url_list: Path, per_shard: int) -> int:
     return -(-rows // per_shard) if rows else 0
 
 
-def finished_shards(output: Path) -> set[int]:
-    return {int(p.name.split("_")[0]) for p in output.glob("*_stats.json")}
+def _stats_files(output: str) -> list[str]:
+    return sorted(name for name in storage.files(output) if re.fullmatch(r"\d+_stats\.json", name))
 
 
-def build_manifest(output: Path) -> dict[str, Any]:
+def finished_shards(output: str | Path) -> set[int]:
+    return {int(name.split("_")[0]) for name in _stats_files(str(output))}
+
+
+def build_manifest(output: str | Path) -> dict[str, Any]:
     """Aggregate the per-shard stats and per-sample status files into the manifest dict."""
     shards, failures = [], Counter()
     total = successes = 0
-    for stats_path in sorted(output.glob("*_stats.json")):
-        shard = stats_path.name.split("_")[0]
-        stats = json.loads(stats_path.read_text())
+    for name in _stats_files(str(output)):
+        shard = name.split("_")[0]
+        stats = json.loads(storage.read_bytes(storage.child(output, name)))
         count, ok = int(stats.get("count", 0)), int(stats.get("successes", 0))
         total += count
         successes += ok
@@ -124,20 +136,22 @@ def build_manifest(output: Path) -> dict[str, Any]:
     }
 
 
-def write_manifest(output: Path, manifest: dict[str, Any]) -> Path:
-    return atomic_write_json(Path(output) / MANIFEST, manifest)
+def write_manifest(output: str | Path, manifest: dict[str, Any]) -> str:
+    return storage.write_bytes(storage.child(output, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def download(url_list: str | Path, output: str | Path, spec: DownloadSpec | None = None) -> dict[str, Any]:
-    """Download the url list into webdataset shards under ``output``; returns the manifest (also written)."""
+    """Download the url list into webdataset shards under ``output`` (a folder or a folder URI such as
+    ``s3://bucket/shards``); returns the manifest (also written there)."""
     import img2dataset  # (~4 s to import: only when downloading)
 
     spec = spec or DownloadSpec()
-    _check_output_storage(str(output), spec)
-    url_list, output = Path(url_list), Path(output)
+    output = str(output) if storage.is_uri(output) else str(Path(output).resolve())
+    _check_output_storage(output, spec)
+    url_list = Path(url_list)
     if not url_list.is_dir() or not list(url_list.glob("*.parquet")):
         raise FileNotFoundError(f"url list {url_list}: no parquet parts (run `pgseg data sources` first)")
-    output.mkdir(parents=True, exist_ok=True)
+    storage.writable(output, "download output")
     expected = _expected_shards(url_list, spec.number_sample_per_shard)
     kwargs = dict(
         url_list=str(url_list), output_folder=str(output), input_format="parquet", output_format="webdataset",
@@ -152,7 +166,7 @@ def download(url_list: str | Path, output: str | Path, spec: DownloadSpec | None
             break
         # a manifest from an earlier run that left shards unfinished: img2dataset reads every *.json in the folder
         # as a shard's stats and fails on it; it is rebuilt from those stats below
-        (output / MANIFEST).unlink(missing_ok=True)
+        storage.remove(storage.child(output, MANIFEST))
         if attempt:
             log.warning("download: %d shard(s) did not finish; retry %d of %d", missing, attempt, spec.shard_retries)
         try:
@@ -167,20 +181,31 @@ def download(url_list: str | Path, output: str | Path, spec: DownloadSpec | None
     write_manifest(output, manifest)
     if manifest["unfinished_shards"]:
         raise RuntimeError(f"download: shards {manifest['unfinished_shards']} did not finish after "
-                           f"{spec.shard_retries} retries (manifest written to {output / MANIFEST})")
+                           f"{spec.shard_retries} retries (manifest written to {storage.child(output, MANIFEST)})")
     return manifest
 
 
+def manifest_of(source: str | Path) -> str | None:
+    """The manifest ``source`` names: itself (a ``manifest.json``) or the one in the folder it names; None if
+    neither (a folder or glob of bare tars)."""
+    source = str(source)
+    if source.rstrip("/").endswith("/" + MANIFEST) or source == MANIFEST:
+        return source if storage.is_file(source) else None
+    if "*" in source or "?" in source:
+        return None
+    inside = storage.child(source, MANIFEST)
+    return inside if storage.is_file(inside) else None
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST
-    if not path.is_file():
+    """A shard set's manifest, from the folder (or folder URI) holding it or its own path."""
+    found = manifest_of(path)
+    if found is None:
         raise FileNotFoundError(f"{path}: no shard manifest (run `pgseg data download` first)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not a valid manifest ({exc})") from None
+        return json.loads(storage.read_bytes(found))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{found}: not a valid manifest ({exc})") from None
 
 
-__all__ = ["DownloadSpec", "build_manifest", "download", "failure_kind", "read_manifest"]
+__all__ = ["DownloadSpec", "build_manifest", "download", "failure_kind", "manifest_of", "read_manifest"]

@@ -9,7 +9,6 @@ that repeats in a tar.
 """
 from __future__ import annotations
 
-import glob
 import io
 import logging
 import random
@@ -29,8 +28,9 @@ import torchvision.transforms.v2.functional as TF
 from ray.data.datasource import FileBasedDatasource
 
 from pgseg.text import IMAGENET_TEMPLATES, NounVocabulary, noun_prompt_ids, tokenize
-from pipelines.data.download import MANIFEST, read_manifest
-from pipelines.data.shard_sets import KeyMap, mapped_samples, same_file
+from pipelines import storage
+from pipelines.data.download import MANIFEST, manifest_of, read_manifest
+from pipelines.data.shard_sets import KeyMap, find_tars, mapped_samples, same_file
 from pipelines.data.tar_reader import DAMAGED_TAR, IMAGE_KEYS, REPEATED_KEY, TEXT_KEYS
 
 log = logging.getLogger(__name__)
@@ -42,37 +42,39 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ shard lists
-def _located(root: Path, tar: str) -> str:
+def _located(manifest: str, tar: str) -> str:
     """A manifest's shard: beside the manifest (our downloads), or where an imported set keeps it (path or URI)."""
-    return tar if "://" in tar or Path(tar).is_absolute() else str(root / tar)
+    if storage.is_uri(tar) or Path(tar).is_absolute():
+        return tar
+    return storage.child(manifest[:-len(MANIFEST)].rstrip("/") or ".", tar)
 
 
 def key_maps(sources: list[str]) -> dict[str, KeyMap]:
     """The key mapping of each shard of an imported set among ``sources`` (by :func:`same_file`); ours need none."""
     out: dict[str, KeyMap] = {}
     for src in sources:
-        path = Path(src)
-        if path.is_dir() and (path / MANIFEST).is_file() or path.name == MANIFEST:
-            manifest = read_manifest(path)
+        found = manifest_of(src)
+        if found is not None:
+            manifest = read_manifest(found)
             keys = KeyMap.of(manifest.get("keys"))
             if not keys.is_default():
-                root = path if path.is_dir() else path.parent
-                out.update({same_file(_located(root, s["tar"])): keys for s in manifest["shards"]})
+                out.update({same_file(_located(found, s["tar"])): keys for s in manifest["shards"]})
     return out
 
 
 def shard_list(sources: list[str]) -> list[str]:
-    """Tar paths from globs, folders (their manifest's shards, else every tar) and manifest files."""
+    """Tar paths (or URIs) from globs, folders and folder URIs (their manifest's shards, else every tar) and
+    manifest files."""
     out: list[str] = []
     for src in sources:
-        path = Path(src)
-        if path.is_dir() and (path / MANIFEST).is_file() or path.name == MANIFEST:
-            root = path if path.is_dir() else path.parent
-            out += [_located(root, s["tar"]) for s in read_manifest(path)["shards"] if s["samples"] > 0]
-        elif path.is_dir():
-            out += sorted(str(p) for p in path.glob("*.tar"))
-        else:
-            out += sorted(glob.glob(src))
+        found = manifest_of(src)
+        if found is not None:
+            out += [_located(found, s["tar"]) for s in read_manifest(found)["shards"] if s["samples"] > 0]
+            continue
+        try:
+            out += find_tars(src)
+        except FileNotFoundError:
+            pass  # said below, with every source
     if not out:
         raise FileNotFoundError(f"no shards found in {sources}")
     return out
@@ -82,10 +84,10 @@ def manifest_samples(sources: list[str]) -> int | None:
     """Samples per epoch from the shard manifests of ``sources`` (None when a source has no manifest)."""
     total = 0
     for src in sources:
-        path = Path(src)
-        if not ((path.is_dir() and (path / MANIFEST).is_file()) or path.name == MANIFEST):
+        found = manifest_of(src)
+        if found is None:
             return None
-        total += int(read_manifest(path)["samples"])
+        total += int(read_manifest(found)["samples"])
     return total
 
 

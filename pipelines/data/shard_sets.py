@@ -21,6 +21,7 @@ from PIL import Image
 
 from pgseg.fileio import atomic_write_json
 from pipelines.data.download import MANIFEST
+from pipelines.storage import filesystem
 from pipelines.data.tar_reader import DAMAGED_TAR, IMAGE_KEYS, tar_samples
 
 
@@ -81,21 +82,13 @@ def canonical(sample: dict[str, Any], keys: KeyMap) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ finding the tars
-def _filesystem(source: str) -> tuple[Any, str]:
-    import pyarrow.fs as pafs
-
-    if "://" in source:
-        return pafs.FileSystem.from_uri(source)
-    return pafs.LocalFileSystem(), str(Path(source).resolve())
-
-
 def find_tars(source: str) -> list[str]:
     """The tars of ``source``: a folder or folder URI (its ``*.tar``, sorted) or a local glob; as paths or URIs."""
     import pyarrow.fs as pafs
 
     if "://" not in source and glob.has_magic(source):
         return sorted(str(Path(p).resolve()) for p in glob.glob(source) if p.endswith(".tar"))
-    fs, path = _filesystem(source)
+    fs, path = filesystem(source)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{source}: no such folder")
@@ -109,7 +102,7 @@ def find_tars(source: str) -> list[str]:
 
 
 def _open(tar: str) -> Any:
-    fs, path = _filesystem(tar)
+    fs, path = filesystem(tar)
     return fs.open_input_stream(path)
 
 

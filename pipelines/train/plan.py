@@ -9,6 +9,7 @@ from pathlib import Path
 from pgseg.config import Config, ConfigError
 from pgseg.datasets import open_dataset
 from pipelines.data.ingest import manifest_samples, shard_list
+from pipelines.storage import is_uri
 
 
 class TrainingError(RuntimeError):
@@ -36,10 +37,6 @@ class Plan:
     @property
     def local_run_dir(self) -> Path | None:
         return None if is_uri(self.storage_path) else Path(self.storage_path) / self.name
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def plan_training(config: Config, *, samples_per_epoch: int | None = None) -> Plan:

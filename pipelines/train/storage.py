@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pgseg.config import ConfigError
-from pipelines.train.plan import is_uri
+from pipelines.storage import filesystem, is_uri
 
 
 def cluster_nodes() -> int:
@@ -38,6 +38,6 @@ def put_file(local: str | Path, target: str) -> None:
         shutil.copyfile(local, partial)
         os.replace(partial, target)
         return
-    fs, path = pafs.FileSystem.from_uri(target)
+    fs, path = filesystem(target)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pafs.copy_files(str(local), path, destination_filesystem=fs)  # object stores publish an object when it is closed

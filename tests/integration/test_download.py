@@ -185,33 +185,80 @@ def test_manifest_logged_to_a_real_mlflow_server(www, tmp_path, mlflow_server):
 
 
 MULTI_NODE = """
+import json
 import sys
+
+import pyarrow.fs as pafs
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.state import list_tasks
+
+from pipelines import storage
 from pipelines.data.download import DownloadSpec, download
+
+urls, local, bucket = sys.argv[1:4]
+spec = DownloadSpec(distributor="ray", image_size=64, number_sample_per_shard=16, processes_count=1, thread_count=4)
+
+
+def listing():
+    fs, path = storage.filesystem(bucket)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return {i.path.rsplit("/", 1)[-1]: [i.mtime_ns, i.size] for i in found if i.type == pafs.FileType.File}
+
+
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
+out = {}
 try:
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
     try:
-        download(sys.argv[1], sys.argv[2], DownloadSpec(distributor="ray"))
+        download(urls, local, spec)
     except ValueError as exc:
-        print("REFUSED:", exc)
+        out["refused"] = str(exc)
+    out["first"] = download(urls, bucket, spec)
+    out["task_nodes"] = len({t.node_id for t in list_tasks(filters=[("name", "=", "ray_download")]) if t.node_id})
+    out["before"] = listing()
+    # cut short: shard 1 never finished (its tar half there, no stats); the same command again
+    storage.remove(storage.child(bucket, "00001_stats.json"))
+    storage.write_bytes(storage.child(bucket, "00001.tar"), b"half a tar")
+    out["again"] = download(urls, bucket, spec)
+    out["after"] = listing()
 finally:
     ray.shutdown()
     cluster.shutdown()
+print("RESULT " + json.dumps(out))
 """
 
 
-def test_ray_distributor_refuses_node_local_output_on_a_multi_node_cluster(tmp_path):
-    """Two real raylets on this machine form a 2-node cluster; a node-local output folder is refused."""
-    (tmp_path / "urls").mkdir()
-    pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["x"], "source": ["s"], "key": ["k"]}).to_parquet(
-        tmp_path / "urls/part-00000.parquet")
+def test_ray_distributor_on_two_nodes_downloads_into_a_bucket_like_the_local_path(www, s3_server, tmp_path):
+    """Two real raylets on this machine form a 2-node cluster: a node-local output folder is refused; into an S3
+    bucket (moto on 127.0.0.1) img2dataset's Ray distributor downloads from a loopback HTTP server with tasks on
+    both nodes, and its manifest (shards, samples, failure counts) is the multiprocessing path's; cut short and run
+    again, only the unfinished shard is written again."""
+    root, rows = www
+    bucket = s3_server.bucket("downloads")
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc = subprocess.run([sys.executable, "-c", MULTI_NODE, str(tmp_path / "urls"), str(tmp_path / "out")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert "REFUSED:" in proc.stdout and "2-node cluster" in proc.stdout and "shared storage" in proc.stdout, \
-        proc.stdout[-1000:] + proc.stderr[-2000:]
-    assert not (tmp_path / "out").exists()  # nothing written
+    with serve_directory(root) as base:
+        write_url_list(rows + [{"path": "missing.jpg", "caption": "gone"}, {"path": "page.jpg", "caption": "html"}],
+                       base, tmp_path / "urls")
+        proc = subprocess.run([sys.executable, "-c", MULTI_NODE, str(tmp_path / "urls"), str(tmp_path / "out"),
+                               f"{bucket}/shards"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert "RESULT " in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+        local = download(tmp_path / "urls", tmp_path / "local", DownloadSpec(image_size=64, number_sample_per_shard=16,
+                                                                            processes_count=1, thread_count=4))
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert out["nodes"] == 2
+    assert "2-node cluster" in out["refused"] and "shared storage" in out["refused"]
+    assert not (tmp_path / "out").exists()  # nothing written where it was refused
+    first = out["first"]
+    assert first == local  # the same shards, samples and failure counts as the multiprocessing path
+    assert (first["samples"], first["attempted"], first["num_shards"]) == (40, 42, 3)
+    assert first["failures"] == {"http_404": 1, "undecodable_image": 1}
+    assert out["task_nodes"] == 2  # the shards' tasks ran on both nodes
+    assert out["again"] == first
+    before, after = out["before"], out["after"]
+    assert {"manifest.json", "00000.tar", "00001.tar", "00002.tar"} <= set(before)
+    untouched = [name for name in before if name.startswith(("00000", "00002"))]
+    assert len(untouched) == 6 and all(after[name] == before[name] for name in untouched)
+    assert "00001_stats.json" in after and after["00001.tar"][1] == before["00001.tar"][1]  # whole again
