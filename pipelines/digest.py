@@ -1,5 +1,5 @@
 """Content hashes, one helper each: of a JSON-able value (a stage's inputs, a sweep's state), of a file, of a folder's
-names and sizes, and the key of a url (the sample key in url lists and shards)."""
+(or an object-store prefix's) names and sizes, and the key of a url (the sample key in url lists and shards)."""
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +23,11 @@ def file_digest(path: str | Path) -> str:
 
 
 def tree_digest(root: str | Path) -> str:
-    """Names and sizes of every file under ``root`` (cheap on shard folders; contents are pinned by the inputs)."""
-    root = Path(root)
-    return value_digest(sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file()))
+    """Names and sizes of every file under ``root``, a folder or a folder URI (cheap on shard folders; contents
+    are pinned by the inputs)."""
+    from pipelines.storage import files
+
+    return value_digest(sorted(files(root, recursive=True).items()))
 
 
 def url_key(url: str) -> str:

@@ -11,6 +11,7 @@ from pgseg.config.load import deep_merge, from_dict, parse_override, read_mappin
 from pipelines.data.download import DownloadSpec
 from pipelines.data.shapes_world import ShapesWorld
 from pipelines.data.sources import SourceSpec
+from pipelines.storage import child, is_uri
 
 STAGES = ("sources", "download", "train", "evaluate", "analyze")
 DATA_STAGES = ("sources", "download")  # the stages a sweep runs before its trials (they need no model)
@@ -72,6 +73,10 @@ class Experiment:
     description: str = ""
     workdir: str | None = None  # default: outputs/<name>
     address: str | None = None  # Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)
+    # where the shards and the training runs go: a folder or a URI every node reaches (s3://bucket/prefix; the
+    # credentials from the environment); default: the workdir. The workdir keeps the rest (stage records, url
+    # lists, the final model, evaluations)
+    storage: str | None = None
     tracking: WorkflowTracking = field(default_factory=WorkflowTracking)
     sources: SourcesStage | None = None
     url_list: str | None = None  # a url list to download when the experiment has no sources stage
@@ -88,6 +93,12 @@ class Experiment:
     @property
     def root(self) -> Path:
         return Path(self.workdir or f"outputs/{self.name}").resolve()
+
+    def stored(self, name: str) -> str:
+        """Where the workflow keeps ``name`` (shards, runs): under ``storage`` if given, else the workdir."""
+        if self.storage is None:
+            return str(self.root / name)
+        return child(self.storage if is_uri(self.storage) else str(Path(self.storage).resolve()), name)
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
@@ -152,11 +163,11 @@ def train_section(experiment: Experiment) -> dict[str, Any]:
     base = raw.get("base")
     if isinstance(base, str) and (Path(experiment.source_dir) / base).is_file():
         raw["base"] = str(Path(experiment.source_dir) / base)
-    wiring: dict[str, Any] = {"train": {"storage_path": str(experiment.root / "runs"), "name": experiment.name},
+    wiring: dict[str, Any] = {"train": {"storage_path": experiment.stored("runs"), "name": experiment.name},
                               "tracking": {"uri": experiment.tracking.uri, "experiment": experiment.tracking.experiment,
                                            "enabled": experiment.tracking.enabled}}
     if experiment.download is not None:
-        wiring["data"] = {"shards": [str(experiment.root / "shards")]}
+        wiring["data"] = {"shards": [experiment.stored("shards")]}
     if experiment.sources is not None and experiment.sources.shapes is not None:
         shapes = experiment.root / "shapes"
         wiring["loss"] = {"noun_vocabulary": str(shapes / "nouns.txt")}  # the world's class names

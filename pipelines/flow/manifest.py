@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pgseg.fileio import atomic_write_json
+from pipelines.storage import exists
 
 STATE_DIR = ".workflow"
 
@@ -36,7 +37,8 @@ def read_record(root: Path, stage: str) -> StageRecord | None:
 
 
 def outputs_present(record: StageRecord) -> bool:
-    return all(Path(p).exists() for p in record.outputs.values() if p)
+    """Every output of the stage is still there (a path, or a URI such as s3://bucket/shards)."""
+    return all(exists(p) for p in record.outputs.values() if p)
 
 
 def write_record(root: Path, record: StageRecord) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pgseg.checkpoint import model_step
-from pgseg.config import Config, to_dict
+from pgseg.config import Config, ConfigError, to_dict
 from pgseg.datasets import open_dataset
 from pgseg.fileio import atomic_write_bytes, atomic_write_json
 from pgseg.segment import ProtocolSettings, background_threshold
+from pipelines import storage
 from pipelines.data.download import download
 from pipelines.data.shapes_world import ShapesWorld, download_world, write_train_images, write_voc_val
 from pipelines.data.sources import build_url_list
@@ -79,7 +80,7 @@ def stage_sources(ctx: Context) -> StageRecord:
 
 def stage_download(ctx: Context) -> StageRecord:
     spec = ctx.experiment.download
-    shards = ctx.root / "shards"
+    shards = ctx.experiment.stored("shards")
     start_over_if_inputs_changed(ctx, shards, "download")
     previous = ctx.records.get("sources")
     if spec.distributor == "ray":
@@ -108,7 +109,9 @@ def stage_train(ctx: Context) -> StageRecord:
     plan = plan_training(config)
     fresh = start_over_if_inputs_changed(ctx, plan.local_run_dir, "train")
     ctx.ray()
-    result = fit(plan, fresh=fresh)  # checks the cluster's resources first
+    # a run stored elsewhere (s3://…): its final model (and the best one, if kept) are fetched into the workdir
+    models = ctx.root / "model" if plan.local_run_dir is None else None
+    result = fit(plan, fresh=fresh, model_dir=models)  # checks the cluster's resources first
     if result.run_id:
         ctx.link_child(result.run_id)
     if not result.finished or not result.model_file:
@@ -116,6 +119,11 @@ def stage_train(ctx: Context) -> StageRecord:
                             f"again to continue it")
     outputs = {"model": result.model_file}
     best = Path(result.model_file).with_name(BEST_MODEL_FILE)
+    stored_best = storage.child(plan.run_key, BEST_MODEL_FILE)
+    if models is not None and storage.is_file(stored_best):
+        atomic_write_bytes(best, storage.read_bytes(stored_best))
+    elif models is not None:
+        best.unlink(missing_ok=True)  # an earlier run's
     if best.is_file():
         outputs["best_model"] = str(best)
     ctx.printer(f"train: {result.step} steps, model at {result.model_file}"
@@ -134,27 +142,36 @@ def stage_train(ctx: Context) -> StageRecord:
                        result.run_id, metrics)
 
 
-def start_over_if_inputs_changed(ctx: Context, folder: Path | None, stage: str) -> bool:
+def start_over_if_inputs_changed(ctx: Context, folder: str | Path | None, stage: str) -> bool:
     """A stage's output folder is continued only with the inputs it was started with (a failed stage run again:
     img2dataset keeps its finished shards, training its checkpoints). When they changed (the stage's section, or
-    the stages before it), the folder is moved aside, kept, and the stage starts over. Returns whether it does."""
-    if folder is None:  # storage elsewhere (s3://): its runs are named by the user
+    the stages before it), a local folder is moved aside, kept, and the stage starts over; a prefix in an object
+    store is not moved (that would copy every object): the stage stops with a ConfigError saying what to do.
+    Returns whether the stage starts over."""
+    if folder is None:  # a training run in storage elsewhere (s3://): its runs are named by the user
         return False
-    mark = folder.with_name(STAGE_INPUTS.format(name=folder.name))  # beside it: img2dataset owns the shards folder
+    folder = str(folder)
+    parent, _, name = folder.rstrip("/").rpartition("/")
+    mark = storage.child(parent, STAGE_INPUTS.format(name=name))  # beside it: img2dataset owns the shards folder
     try:
-        before = json.loads(mark.read_text())["input_hash"]
+        before = json.loads(storage.read_bytes(mark))["input_hash"]
     except (OSError, ValueError, KeyError):
         before = None
     fresh = False
-    if before != ctx.input_hash and folder.is_dir() and any(folder.iterdir()):
-        stem = f"{folder.name}@{(before or 'earlier')[:12]}"
+    if before != ctx.input_hash and storage.holds_anything(folder):
+        if storage.is_uri(folder):
+            raise ConfigError(f"{stage}: its inputs changed since {folder} was made, and a prefix in an object store "
+                              f"is not moved aside: remove it, or give the experiment another storage")
+        local = Path(folder)
+        stem = f"{local.name}@{(before or 'earlier')[:12]}"
         names = (stem if n == 0 else f"{stem}.{n}" for n in range(1000))
-        aside = next(folder.with_name(name) for name in names if not folder.with_name(name).exists())
-        folder.rename(aside)
+        aside = next(local.with_name(n) for n in names if not local.with_name(n).exists())
+        local.rename(aside)
         ctx.printer(f"{stage}: its inputs changed since {folder} was made: that is now {aside}; {stage} starts over")
         fresh = True
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(mark, {"input_hash": ctx.input_hash})
+    if not storage.is_uri(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(mark, json.dumps({"input_hash": ctx.input_hash}, indent=2, sort_keys=True).encode())
     return fresh
 
 

@@ -45,10 +45,12 @@ class TrainResult:
 
 
 def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | None = None,
-        run_params: dict[str, Any] | None = None, fresh: bool = False) -> TrainResult:
+        run_params: dict[str, Any] | None = None, fresh: bool = False,
+        model_dir: str | Path | None = None) -> TrainResult:
     """Train on the attached Ray cluster. ``callbacks`` are Ray Train callbacks (a sweep's ``TuneReportCallback``);
     ``run_tags`` and ``run_params`` go on a new MLflow run besides the config. ``fresh``: a new MLflow run even when
-    one of this run's key exists (its storage folder was started over)."""
+    one of this run's key exists (its storage folder was started over). The final model is exported into
+    ``model_dir``, else the run's folder when it is local, else a new temporary folder."""
     config, t = plan.config, plan.config.train
     check_resources(config, *cluster_resources())
     check_storage(plan.storage_path, t.shared_storage, cluster_nodes())
@@ -105,7 +107,8 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     model_file = None
     if finished and result.checkpoint is not None:
-        target = (plan.local_run_dir or Path(tempfile.mkdtemp(prefix="pgseg-model-"))) / MODEL_FILE
+        folder = model_dir or plan.local_run_dir or tempfile.mkdtemp(prefix="pgseg-model-")
+        target = Path(folder) / MODEL_FILE
         with result.checkpoint.as_directory() as folder:
             model_file = str(export_model(folder, config, target))
     champion = None

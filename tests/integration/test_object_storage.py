@@ -1,8 +1,13 @@
 """``s3://`` for real, against moto's S3 server on 127.0.0.1 (tests/s3_process.py): a shard set in a bucket is
 imported where it is and read by Ray Data's workers through the session's Ray, every sample of it; a training run
-stored in a bucket checkpoints there and resumes from there."""
+stored in a bucket checkpoints there and resumes from there; MLflow's artifacts in a bucket; a workflow whose shards
+and runs live in a bucket. (The Ray distributor's download into a bucket: test_download.py.)"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 
@@ -94,3 +99,60 @@ def test_an_mlflow_server_keeps_our_artifacts_in_a_bucket(s3_server, tmp_path):
         assert open(back).read() == "mIoU 37.50"
     finally:
         server.stop()
+
+
+def _bucket_files(bucket: str) -> dict[str, tuple[int, int]]:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(bucket)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return {i.path[len(path) + 1:]: (i.mtime_ns, i.size) for i in found if i.type == pafs.FileType.File}
+
+
+def test_a_workflow_keeps_its_shards_and_runs_in_a_bucket_and_skips_them_when_run_again(ray_local, s3_server,
+                                                                                         tmp_path):
+    """An experiment with ``storage: s3://…``: the download stage writes shards and manifest into the bucket,
+    training reads them from there and checkpoints there, the final model comes back to the workdir for the
+    evaluation; run again, every stage is skipped (the outputs found in the bucket) and nothing there is written;
+    with the download's inputs changed, the stage stops with the reason instead of moving the prefix aside."""
+    import yaml
+
+    from pgseg.checkpoint import model_step
+    from pgseg.config import ConfigError
+    from pipelines.flow import WorkflowError, load_experiment, run_workflow
+
+    bucket = s3_server.bucket("workflow")
+    spec = {"name": "wf-s3", "workdir": str(tmp_path / "wf"), "storage": f"{bucket}/store",
+            "tracking": {"enabled": False},
+            "sources": {"shapes": {"world": {"num_classes": 2, "image_size": 64, "seed": 4},
+                                   "train_images": 64, "val_images": 3, "dev_images": 0, "serve": "http"}},
+            "download": {"image_size": 64, "number_sample_per_shard": 32, "processes_count": 1, "thread_count": 4},
+            "train": {"base": "tiny", "data": {"batch_size": 16, "augment": False}, "schedule": {"epochs": 1},
+                      "train": {"workers": 1, "cpus_per_worker": 0.5, "checkpoint_every": 2}},
+            "evaluate": {"datasets": ["shapes"], "overlays": 0}}
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    experiment = load_experiment(path)
+    first = run_workflow(experiment, printer=lambda _: None)
+    assert [(o.stage, o.status) for o in first.outcomes] == [("sources", "ran"), ("download", "ran"),
+                                                            ("train", "ran"), ("evaluate", "ran")]
+    stored = _bucket_files(bucket)
+    assert {"store/shards/manifest.json", "store/shards/00000.tar", "store/shards/00001.tar",
+            "store/.shards.inputs.json"} <= set(stored), sorted(stored)
+    assert any(name.startswith("store/runs/wf-s3/checkpoint") for name in stored), sorted(stored)
+    root = experiment.root
+    assert not (root / "shards").exists() and not (root / "runs").exists()  # nothing of them on this disk
+    train = next(o.record for o in first.outcomes if o.stage == "train")
+    assert Path(train.outputs["model"]) == root / "model" / "model.safetensors" and model_step(train.outputs["model"]) == 4
+    assert json.loads((root / "eval" / "results.json").read_text())["val"]["images"] == 3
+
+    printed: list[str] = []
+    again = run_workflow(load_experiment(path), printer=printed.append)
+    assert {o.status for o in again.outcomes} == {"skipped"}, printed
+    assert _bucket_files(bucket) == stored
+
+    with pytest.raises(WorkflowError) as changed:
+        run_workflow(load_experiment(path, ["download.image_size=48"]), printer=lambda _: None)
+    assert changed.value.stage == "download" and isinstance(changed.value.__cause__, ConfigError)
+    assert "inputs changed since s3://workflow/store/shards" in str(changed.value.__cause__)
+    assert _bucket_files(bucket) == stored  # nothing in the bucket moved, removed or written
