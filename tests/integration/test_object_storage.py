@@ -5,6 +5,9 @@ and runs live in a bucket. (The Ray distributor's download into a bucket: test_d
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,17 @@ def test_a_workflow_keeps_its_shards_and_runs_in_a_bucket_and_skips_them_when_ru
     assert changed.value.stage == "download" and isinstance(changed.value.__cause__, ConfigError)
     assert "inputs changed since s3://workflow/store/shards" in str(changed.value.__cause__)
     assert _bucket_files(bucket) == stored  # nothing in the bucket moved, removed or written
+
+
+def test_a_bucket_that_does_not_exist_is_named_before_any_download(s3_server, tmp_path):
+    from conftest import REPO
+    from pipelines.data.shapes_world import ShapesWorld, write_train_images, write_url_list
+
+    rows = write_train_images(ShapesWorld(seed=5), tmp_path / "www", 2)
+    write_url_list(rows, (tmp_path / "www").resolve().as_uri(), tmp_path / "urls")
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "data", "download", str(tmp_path / "urls"),
+                           "s3://no-such-bucket/shards", "--processes", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "download output s3://no-such-bucket/shards: cannot write there" in proc.stderr
+    assert "The specified bucket does not exist" in proc.stderr and "Traceback" not in proc.stderr
