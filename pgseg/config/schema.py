@@ -333,6 +333,9 @@ class TrainConfig:
     max_failures: int = 0
     storage_path: str = "runs"
     shared_storage: bool = False  # storage_path is a folder every node of the cluster mounts (not needed for URIs)
+    # how a checkpoint reaches storage_path: sync (training waits while it is copied), async (a background thread
+    # copies it while training goes on; Ray Train records it once stored), auto: async for a URI, sync for a folder
+    checkpoint_upload: Literal["auto", "sync", "async"] = "auto"
     init_from: str | None = None  # a checkpoint to initialise from (e.g. GroupViT for the official recipe)
     nonfinite: Literal["skip", "stop"] = "skip"
     name: str | None = None  # the run's name in storage_path: the same name again continues that run

@@ -4,6 +4,8 @@ steps; per-step curves go from rank 0 to MLflow. ARCHITECTURE's "one batch, end 
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.data import ExecutionResources
-from ray.train import Checkpoint
+from ray.train import Checkpoint, CheckpointUploadMode
 
 from pgseg.config import Config
 from pgseg.distributed import Collectives
@@ -25,7 +27,7 @@ from pipelines.data.ingest import Ingest
 from pipelines.tracking import MetricLogger
 from pipelines.train.faults import kill_in_backward, kill_once, parse_faults
 from pipelines.train.passes import pass_batches
-from pipelines.train.storage import put_file
+from pipelines.train.storage import put_file, upload_mode
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +104,19 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     timing = {"time/data": 0.0, "time/compute": 0.0, "time/optim": 0.0}
     window_start, window_steps = time.perf_counter(), 0
 
+    upload = upload_mode(t.checkpoint_upload, t.storage_path)
+    saving = {"seconds": 0.0}  # how long the last checkpoint held the step loop (logged as time/checkpoint)
+
     def save(metrics: dict[str, Any], at_step: int, at: tuple[int, int]) -> None:
-        """Report ``metrics`` with a checkpoint of the training state."""
+        """Report ``metrics`` with a checkpoint of the training state (written to a folder of its own; an
+        asynchronous upload deletes it once stored, a synchronous one here)."""
+        started = time.perf_counter()
         if metrics_log is not None:
             metrics_log.flush()
             if at_step == stop_at:
                 metrics.update(metrics_log.close())
-        with tempfile.TemporaryDirectory() as folder:
+        folder = tempfile.mkdtemp(prefix="pgseg-checkpoint-")
+        try:
             save_state(folder, step_fn, {"step": at_step, "epoch": at_step // steps_per_epoch,
                                          "data_pass": at[0], "batches_in_pass": at[1],
                                          "nonfinite_steps": nonfinite,
@@ -116,7 +124,12 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             if faults.get("killsave") == (at_step, rank):
                 kill_once(markers / f"killsave-{at_step}-{rank}")
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"checkpoint_step{at_step:09d}")
+                             checkpoint_dir_name=f"checkpoint_step{at_step:09d}", checkpoint_upload_mode=upload,
+                             delete_local_checkpoint_after_upload=True)
+        finally:  # (an asynchronous upload still reading it deletes it itself)
+            if upload != CheckpointUploadMode.ASYNC or sys.exc_info()[0] is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        saving["seconds"] = time.perf_counter() - started
 
     try:
         while step < stop_at:
@@ -157,6 +170,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
                                        "images_per_s": window_steps * step_fn.global_batch / (now - window_start)}
             metrics.update({k: float(v) for k, v in result.metrics.items()})
             metrics.update({k: v / window_steps for k, v in timing.items()})
+            metrics["time/checkpoint"] = saving["seconds"]
             if rank == 0:
                 metrics.update({f"skips/{k}": v for k, v in loop.ingest.skips().items()})
             if scorer is not None and eval_now:  # every rank scores its share: none waits long in a collective

@@ -41,3 +41,13 @@ def put_file(local: str | Path, target: str) -> None:
     fs, path = filesystem(target)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pafs.copy_files(str(local), path, destination_filesystem=fs)  # object stores publish an object when it is closed
+
+
+def upload_mode(setting: str, storage_path: str):
+    """Ray Train's checkpoint upload mode for ``train.checkpoint_upload`` (auto: asynchronous to object storage,
+    where an upload takes long, synchronous to a folder, where it is a local copy)."""
+    from ray.train import CheckpointUploadMode
+
+    if setting == "auto":
+        setting = "async" if is_uri(storage_path) else "sync"
+    return CheckpointUploadMode.ASYNC if setting == "async" else CheckpointUploadMode.SYNC
