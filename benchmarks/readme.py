@@ -158,6 +158,25 @@ def _serve() -> str:
                               _source(r, "serve-cpu.json")])
 
 
+def _storage() -> str:
+    r = json.loads((RESULTS / "storage-cpu.json").read_text())
+    labels = {"s3-sync": "S3, synchronous upload", "s3-async": "S3, asynchronous upload (`auto` for a URI)",
+              "local-sync": "local folder, synchronous (`auto` for a folder)",
+              "local-async": "local folder, asynchronous"}
+    lines = [f"Checkpoints, `{r['preset']}` model, batch {r['batch']}, a checkpoint after every step, S3 = {r['server']}:",
+             "", "| storage, upload | the step loop's wait per checkpoint, ms | images/s, waits included |",
+             "|---|---|---|"]
+    lines += [f"| {labels[m]} | {1e3 * row['checkpoint_s']:.0f} | {row['images_per_s']:.1f} |"
+              for m, row in r["checkpoints"].items()]
+    ingest = r["ingest_images_per_s"]
+    lines += ["", f"Asynchronous upload: {r['s3_async_vs_sync_images_per_s']:.2f}× the images/s of synchronous, a "
+              f"{r['s3_sync_vs_async_checkpoint_wait']:.1f}× shorter wait per checkpoint. Ingest (one pass of Ray Data's "
+              f"read + preprocess over {r['images']} images): {ingest['s3']:.0f} images/s from the bucket, "
+              f"{ingest['local']:.0f} from local disk ({r['ingest_s3_vs_local']:.2f}×).", "",
+              _source(r, "storage-cpu.json")]
+    return "\n".join(lines)
+
+
 def _quickstart() -> str:
     import numpy as np
 
@@ -263,7 +282,8 @@ def _table4() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {"device_check": _device_check, "quickstart": _quickstart,
                                            "learner": _learner, "table4": _table4, "step": _step,
-                                           "matching": _matching, "eval": _eval, "serve": _serve}
+                                           "matching": _matching, "eval": _eval, "serve": _serve,
+                                           "storage": _storage}
 BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
 
 

@@ -4,7 +4,7 @@ cloud's bandwidth):
 
 - checkpoints: the tiny PGSeg trained with a checkpoint after every step into a bucket with Ray Train's synchronous
   upload (the step loop waits for the copy) and its asynchronous one (a background thread copies while training goes
-  on), and into a local folder; per mode, the median time the step loop spent on a checkpoint and the median
+  on), and into a local folder both ways; per mode, the median time the step loop spent on a checkpoint and the median
   images/s of the steps (the checkpoint's wait included), alternating the modes round by round;
 - ingest: one pass of Ray Data's read + preprocess over the same shards in a bucket and on local disk, images/s.
 
@@ -13,6 +13,7 @@ cloud's bandwidth):
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import tempfile
@@ -27,7 +28,7 @@ use_loopback()  # before Ray is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 SIZE, CONTEXT = 64, 16
-MODES = ("s3-sync", "s3-async", "local-sync")
+MODES = ("s3-sync", "s3-async", "local-sync", "local-async")
 
 
 def _s3(port: int):
@@ -36,6 +37,7 @@ def _s3(port: int):
 
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     import boto3
@@ -103,7 +105,7 @@ def main() -> None:
             start_ray(num_cpus=os.cpu_count() or 2, log_to_driver=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
             uri = f"sqlite:///{root / 'mlflow.db'}"
-            places = {"s3-sync": "s3://bench/runs", "s3-async": "s3://bench/runs", "local-sync": str(root / "runs")}
+            places = {m: "s3://bench/runs" if m.startswith("s3") else str(root / "runs") for m in MODES}
             runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
             ingest: dict[str, list[float]] = {"s3": [], "local": []}
             for r in range(args.rounds):
