@@ -21,8 +21,8 @@ from PIL import Image
 
 from pgseg.fileio import atomic_write_json
 from pipelines.data.download import MANIFEST
-from pipelines.storage import filesystem
 from pipelines.data.tar_reader import DAMAGED_TAR, IMAGE_KEYS, tar_samples
+from pipelines.storage import filesystem
 
 
 @dataclass(frozen=True)

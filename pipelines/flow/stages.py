@@ -260,6 +260,7 @@ def stage_section(experiment: Experiment, stage: str, train_config: Config | Non
         return to_dict(train_config or training_config(experiment))
     value = getattr(experiment, stage)
     section = to_dict(value) if hasattr(value, "__dataclass_fields__") else value
-    if stage == "download":
-        return {"spec": section, "url_list": experiment.url_list}
+    if stage == "download":  # (where the shards go is an input once it is not the workdir: a new place, a new download)
+        placed = {"output": experiment.stored("shards")} if experiment.storage is not None else {}
+        return {"spec": section, "url_list": experiment.url_list, **placed}
     return section

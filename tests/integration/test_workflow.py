@@ -149,6 +149,7 @@ def test_a_changed_section_reruns_that_stage_and_the_ones_after(tmp_path):
     """Input hashes: changing the evaluate section changes only its hash; changing download's changes download's
     and (through the digests chain at run time) everything after it."""
     from pipelines.flow import load_experiment
+    from pipelines.flow.experiment import training_config
     from pipelines.flow.stages import stage_section
 
     path = _experiment(tmp_path, None)
@@ -158,6 +159,11 @@ def test_a_changed_section_reruns_that_stage_and_the_ones_after(tmp_path):
     assert same == ["sources", "download", "train", "analyze"]  # (analyze runs again: a stage before it ran)
     changed = load_experiment(path, ["train.optim.lr=0.002"])
     assert [s for s in base.stages if stage_section(base, s) != stage_section(changed, s)] == ["train"]
+    # a storage of its own moves the shards and the runs: download and train start there
+    moved = load_experiment(path, [f"storage={tmp_path / 'elsewhere'}"])
+    assert [s for s in base.stages if stage_section(base, s) != stage_section(moved, s)] == ["download", "train"]
+    assert training_config(moved).data.shards == [str(tmp_path / "elsewhere" / "shards")]
+    assert training_config(moved).train.storage_path == str(tmp_path / "elsewhere" / "runs")
 
 
 @pytest.mark.parametrize("override, message", [
