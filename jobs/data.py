@@ -152,7 +152,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sources)
     p = dsub.add_parser("download", help="url list → webdataset shards with img2dataset, plus a manifest")
     p.add_argument("url_list", help="a url list folder (from `pgseg data sources`) or a parquet/csv/tsv file")
-    p.add_argument("out", help="the shard folder (a run into the same folder resumes: finished shards are kept)")
+    p.add_argument("out", help="the shard folder, or a folder URI such as s3://bucket/shards (credentials from the "
+                               "environment); a run into the same place resumes: finished shards are kept")
     p.add_argument("--track", metavar="MLFLOW_URI", default=None,
                    help="log the manifest to MLflow (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)")
     _download_options(p)
