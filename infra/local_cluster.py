@@ -33,11 +33,16 @@ def main() -> int:
         return 2
     from ray.cluster_utils import Cluster
 
+    from pipelines.runtime import free_port
+
+    # every port of its own (Ray's defaults, e.g. the head agent's 52365, may be held by another Ray on this machine)
+    ports = {name: free_port() for name in ("dashboard_agent_listen_port", "metrics_export_port",
+                                            "ray_client_server_port")}
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": args.dashboard_port, "node_ip_address": "127.0.0.1"})
+        "dashboard_port": args.dashboard_port, "node_ip_address": "127.0.0.1", **ports})
     for _ in range(args.workers):
-        cluster.add_node(num_cpus=args.cpus, node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=args.cpus, node_ip_address="127.0.0.1", metrics_export_port=free_port())
     cluster.wait_for_nodes()
     print(f"cluster: head {cluster.address} (0 CPUs), {args.workers} worker node(s) of {args.cpus:g} CPU(s); "
           f"jobs: ray job submit --address http://127.0.0.1:{args.dashboard_port}", flush=True)
