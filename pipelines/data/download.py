@@ -140,6 +140,17 @@ def write_manifest(output: str | Path, manifest: dict[str, Any]) -> str:
     return storage.write_bytes(storage.child(output, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
+def _forget_listings(output: str) -> None:
+    """img2dataset finds the finished shards by listing the output through fsspec, whose object-store filesystems
+    are cached per process with their listings: a second download in this process (a retry round, a workflow run
+    again) would see the listing of the first one's start and download every shard again."""
+    if storage.is_uri(output):
+        import fsspec
+
+        fs, _ = fsspec.core.url_to_fs(output)
+        fs.invalidate_cache()
+
+
 def download(url_list: str | Path, output: str | Path, spec: DownloadSpec | None = None) -> dict[str, Any]:
     """Download the url list into webdataset shards under ``output`` (a folder or a folder URI such as
     ``s3://bucket/shards``); returns the manifest (also written there)."""
@@ -169,6 +180,7 @@ def download(url_list: str | Path, output: str | Path, spec: DownloadSpec | None
         storage.remove(storage.child(output, MANIFEST))
         if attempt:
             log.warning("download: %d shard(s) did not finish; retry %d of %d", missing, attempt, spec.shard_retries)
+        _forget_listings(output)
         try:
             img2dataset.download(**kwargs)
         except (ValueError, TypeError):  # a bad option, not a failed shard: retrying cannot help

@@ -165,23 +165,33 @@ def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeyp
 
 
 def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_local, shapes_data, tmp_path):
-    """2 workers, a collective timeout of 15 s, a dev set that takes longer than that to score (24 images scored at
-    640 px, 361 windows each: ~26 s here): each rank scores its half and the counts are summed, so no rank waits in a
-    collective while another scores. The run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept. A set in
+    """2 workers, a collective timeout of 15 s, a dev set that takes longer than that to score (images scored at 640
+    px, 361 windows each, as many as take a rank ~25 s on this machine: 24 on a slow one, more on a fast one):
+    each rank scores its half and the counts are summed, so no rank waits in a collective while another scores. The
+    run finishes, and its dev mIoU is the whole set's: the in-process figure of the model it kept. A set in
     eval.final_datasets is scored once, by the final model: its figure is the exported model's in-process one."""
+    import time
+
     from pgseg.checkpoint import load_model
     from pgseg.datasets import open_dataset
     from pgseg.evaluate import evaluate_in_process
+    from pgseg.model import PGSeg
     from pgseg.segment import ProtocolSettings, background_threshold
     from pipelines.data.shapes_world import write_voc_val
     from pipelines.train.fit import BEST_MODEL_FILE, MODEL_FILE
 
-    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", 24)
+    sets = ["train.workers=2", "train.collective_timeout_s=15", "eval.short_side=640", "train.checkpoint_every=100",
+            "data.batch_size=32", "train.name=slow-eval", "tracking.enabled=false"]
+    probe = open_dataset(f"voc:{write_voc_val(shapes_data['world'], tmp_path / 'probe', 2)}")
+    base = tiny_config(shapes_data, tmp_path, *sets)
+    torch.set_num_threads(1)  # a rank's time per image on this machine (the same computation whatever the weights)
+    started = time.perf_counter()
+    evaluate_in_process(PGSeg.from_config(base).eval(), probe, ProtocolSettings.of(base.eval, 0.95))
+    per_image = (time.perf_counter() - started) / 2
+    # each rank scores half the set: ~25 s a rank, against a timeout of 15 s
+    dev = write_voc_val(shapes_data["world"], tmp_path / "dev", max(24, math.ceil(2 * 25 / per_image)))
     last = write_voc_val(shapes_data["world"], tmp_path / "last", 6, "val")
-    config = tiny_config(shapes_data, tmp_path, "train.workers=2", "train.collective_timeout_s=15",
-                         f"eval.datasets=[voc:{dev}]", f"eval.final_datasets=[voc:{last}]", "eval.short_side=640",
-                         "train.checkpoint_every=100",
-                         "data.batch_size=32", "train.name=slow-eval", "tracking.enabled=false")
+    config = tiny_config(shapes_data, tmp_path, *sets, f"eval.datasets=[voc:{dev}]", f"eval.final_datasets=[voc:{last}]")
     plan = plan_training(config)
     scratch = set(Path(tempfile.gettempdir()).glob("pgseg-best-*"))
     result = fit(plan)
