@@ -12,7 +12,8 @@
 #     nothing listened beyond 127.0.0.1 while the job ran.
 # Everything it starts is stopped at the end (also on failure).
 #
-#   infra/rehearse_cluster.sh [WORKDIR]        (from the repository root, with .venv installed: `.[test]`)
+#   infra/rehearse_cluster.sh [WORKDIR]        (from the repository root, with .venv installed: `.[test]`;
+#                                              uses curl and ss, from Debian's curl and iproute2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" NO_ALBUMENTATIONS_UPDATE=1
