@@ -40,11 +40,6 @@ def is_file(location: str | Path) -> bool:
     return _kind(location) == "file"
 
 
-def is_folder(location: str | Path) -> bool:
-    """A folder, or on an object store a prefix holding objects."""
-    return _kind(location) == "folder"
-
-
 def exists(location: str | Path) -> bool:
     return _kind(location) != "none"
 
@@ -92,13 +87,6 @@ def remove(location: str | Path) -> None:
         fs.delete_file(path)
     except FileNotFoundError:
         pass
-
-
-def remove_tree(location: str | Path) -> None:
-    """Delete a folder (or an object-store prefix) and everything under it, if it is there."""
-    fs, path = filesystem(location)
-    if exists(location):
-        fs.delete_dir(path)
 
 
 def writable(location: str | Path, what: str = "folder") -> str:

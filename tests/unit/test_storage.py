@@ -19,13 +19,14 @@ def test_files_sizes_writes_and_removal_read_the_same_through_a_path_or_a_file_u
     assert storage.files(root) == {"a.bin": 5}
     assert storage.files(root, recursive=True) == {"a.bin": 5, "sub/b.bin": 2}
     assert storage.read_bytes(storage.child(root, "sub/b.bin")) == b"12"
-    assert storage.is_file(storage.child(root, "a.bin")) and storage.is_folder(storage.child(root, "sub"))
+    assert storage.is_file(storage.child(root, "a.bin")) and not storage.is_file(storage.child(root, "sub"))
     assert storage.holds_anything(root) and not storage.exists(storage.child(root, "none"))
     assert storage.files(storage.child(root, "none")) == {}
     storage.remove(storage.child(root, "a.bin"))
     storage.remove(storage.child(root, "a.bin"))  # gone already: nothing to do
-    storage.remove_tree(storage.child(root, "sub"))
-    assert not storage.holds_anything(root)
+    storage.remove(storage.child(root, "sub/b.bin"))
+    assert storage.files(root, recursive=True) == {} and storage.holds_anything(root)  # the empty folder "sub"
+    assert not storage.holds_anything(storage.child(root, "sub"))
 
 
 def test_a_local_write_is_whole_or_not_at_all_and_leaves_no_temporary_file(tmp_path):
