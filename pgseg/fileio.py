@@ -54,5 +54,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def json_bytes(data: Any) -> bytes:
+    """How our JSON files are written (indented, keys sorted)."""
+    return json.dumps(data, indent=2, sort_keys=True).encode()
+
+
 def atomic_write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode())
+    return atomic_write_bytes(path, json_bytes(data))

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pgseg.fileio import atomic_write_bytes, writable_folder
+from pgseg.fileio import atomic_write_bytes, json_bytes, writable_folder
 
 
 def is_uri(location: str | Path) -> bool:
@@ -78,6 +78,11 @@ def write_bytes(location: str | Path, data: bytes) -> str:
     with fs.open_output_stream(path) as stream:
         stream.write(data)
     return str(location)
+
+
+def write_json(location: str | Path, data: Any) -> str:
+    """``data`` as our JSON files are written, whole or not at all (:func:`write_bytes`)."""
+    return write_bytes(location, json_bytes(data))
 
 
 def remove(location: str | Path) -> None:

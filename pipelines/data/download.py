@@ -137,7 +137,7 @@ def build_manifest(output: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(output: str | Path, manifest: dict[str, Any]) -> str:
-    return storage.write_bytes(storage.child(output, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return storage.write_json(storage.child(output, MANIFEST), manifest)
 
 
 def _forget_listings(output: str) -> None:

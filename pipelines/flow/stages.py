@@ -171,7 +171,7 @@ def start_over_if_inputs_changed(ctx: Context, folder: str | Path | None, stage:
         fresh = True
     if not storage.is_uri(folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
-    storage.write_bytes(mark, json.dumps({"input_hash": ctx.input_hash}, indent=2, sort_keys=True).encode())
+    storage.write_json(mark, {"input_hash": ctx.input_hash})
     return fresh
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -116,7 +115,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             if at_step == stop_at:
                 metrics.update(metrics_log.close())
         folder = tempfile.mkdtemp(prefix="pgseg-checkpoint-")
-        try:
+        try:  # (on an error the folder goes; an asynchronous upload deletes it itself once stored)
             save_state(folder, step_fn, {"step": at_step, "epoch": at_step // steps_per_epoch,
                                          "data_pass": at[0], "batches_in_pass": at[1],
                                          "nonfinite_steps": nonfinite,
@@ -126,9 +125,11 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_step{at_step:09d}", checkpoint_upload_mode=upload,
                              delete_local_checkpoint_after_upload=True)
-        finally:  # (an asynchronous upload still reading it deletes it itself)
-            if upload != CheckpointUploadMode.ASYNC or sys.exc_info()[0] is not None:
-                shutil.rmtree(folder, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if upload != CheckpointUploadMode.ASYNC:
+            shutil.rmtree(folder, ignore_errors=True)
         saving["seconds"] = time.perf_counter() - started
 
     try:
