@@ -138,9 +138,6 @@ class Tracker:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
-    def delete_tag(self, run_id: str, key: str) -> None:
-        self.client.delete_tag(run_id, key)
-
     def end(self, run_id: str, status: str, tags: dict[str, str] | None = None,
             artifacts: list[str | Path] = ()) -> None:
         self.set_tags(run_id, tags or {})

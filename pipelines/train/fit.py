@@ -46,11 +46,13 @@ class TrainResult:
 
 def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | None = None,
         run_params: dict[str, Any] | None = None, fresh: bool = False,
-        model_dir: str | Path | None = None) -> TrainResult:
+        model_dir: str | Path | None = None, end_failed_run: bool = True) -> TrainResult:
     """Train on the attached Ray cluster. ``callbacks`` are Ray Train callbacks (a sweep's ``TuneReportCallback``);
     ``run_tags`` and ``run_params`` go on a new MLflow run besides the config. ``fresh``: a new MLflow run even when
     one of this run's key exists (its storage folder was started over). The final model is exported into
-    ``model_dir``, else the run's folder when it is local, else a new temporary folder."""
+    ``model_dir``, else the run's folder when it is local, else a new temporary folder. ``end_failed_run=False``
+    leaves a failed run's MLflow run for the caller to end: a sweep ends its trials' runs itself, since a trial its
+    scheduler stops fails while its actor dies, and that late FAILED would overwrite the sweep's KILLED."""
     config, t = plan.config, plan.config.train
     check_resources(config, *cluster_resources())
     check_storage(plan.storage_path, t.shared_storage, cluster_nodes())
@@ -93,13 +95,13 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     try:
         result = trainer.fit()
     except Exception as exc:
-        if run_id:
+        if run_id and end_failed_run:
             tracker.end(run_id, "FAILED", {"pgseg.error": str(exc)[:5000]})
         raise TrainingError(f"training run {plan.name!r} failed: {exc}") from exc
     metrics = dict(result.metrics or {})
     step = int(metrics.get("step", 0))
     if "stopped" in metrics:
-        if run_id:
+        if run_id and end_failed_run:
             tracker.end(run_id, "FAILED", {"pgseg.error": metrics["stopped"]})
         raise TrainingError(f"training run {plan.name!r} stopped: {metrics['stopped']} (train.nonfinite=stop); "
                             f"the latest checkpoint is kept")

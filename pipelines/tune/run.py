@@ -80,9 +80,7 @@ def _close_trial_runs(tracker: Tracker, parent: str, rows: list[TrialRow], exper
             continue
         row.run_id = run.info.run_id
         if row.status == "stopped early" and run.info.status != "FINISHED":
-            # the trial's actor was stopped: its training either never returned or saw the stop as an error
-            if "pgseg.error" in run.data.tags:
-                tracker.delete_tag(row.run_id, "pgseg.error")
+            # the trial's actor was stopped: its training never returned (fit leaves a trial's failed run to us)
             tracker.end(row.run_id, "KILLED", {"pgseg.state": f"stopped by the {scheduler} scheduler at step "
                                                               f"{row.step} of {row.total_steps}"})
         elif row.status == "failed" and run.info.status == "RUNNING":

@@ -100,7 +100,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     if setup.parent:
         tags["mlflow.parentRunId"] = setup.parent
     result = fit(plan, callbacks=[TrialReport(setup.spec.metric, setup.spec.mode)], run_tags=tags,
-                 run_params={"trial.variant": variant, **{f"trial.{k}": v for k, v in values.items()}})
+                 run_params={"trial.variant": variant, **{f"trial.{k}": v for k, v in values.items()}},
+                 end_failed_run=False)  # the sweep ends it (pipelines.tune.run._close_trial_runs)
     if not result.finished:
         raise TrainingError(f"trial {label}: training stopped at step {result.step} of {result.total_steps}")
     tune.report(for_tune(result.metrics, setup.spec.metric, setup.spec.mode))

@@ -137,6 +137,26 @@ def test_asha_stops_a_diverging_trial_early(ray_local, shapes_data, mlflow_serve
     assert control.finished and control.step == 16 and control.metrics["nonfinite_steps"] > 0
 
 
+def test_a_failed_trial_ends_its_run_failed_with_the_reason(ray_local, shapes_data, mlflow_server, tmp_path):
+    """The sweep, not the trial's training, ends a failed trial's MLflow run (a trial stopped by the scheduler fails
+    as its actor dies, and its own late FAILED would overwrite the sweep's KILLED): the run still ends FAILED and
+    says why."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tune import load_sweep, run_sweep
+
+    base = _base(tmp_path, shapes_data, mlflow_server, steps=4, experiment="sweep-fails")
+    spec = load_sweep(_sweep(tmp_path, "fails", base, set=["train.nonfinite=stop"], metric="loss", mode="min",
+                             space={"optim.lr": {"grid": [1e4]}}))
+    result = run_sweep(spec, printer=lambda _: None)
+    (row,) = result.rows
+    assert row.status == "failed" and "non-finite loss" in row.error
+    client = MlflowClient(mlflow_server)
+    (run,) = _children(client, "sweep-fails", result.run_id)
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["pgseg.error"]
+    assert client.get_run(result.run_id).info.status == "FAILED"
+
+
 def test_a_sweep_survives_training_workers_killed_at_random(ray_local, shapes_data, mlflow_server, tmp_path):
     """Chaos: during a 2-trial sweep, up to 3 Ray Train worker processes, picked by a seeded generator at seeded
     moments (bounded in count and time), are SIGKILLed. Each trial restarts its worker from its latest checkpoint
