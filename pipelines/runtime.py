@@ -116,32 +116,35 @@ def cluster_resources() -> tuple[float, float]:
 
 
 def check_resources(config: Config, cpus: float, gpus: float = 0.0) -> None:
-    """Fail, naming the keys, when a run's workers cannot all be placed with a CPU left for Ray Data."""
+    """Fail, naming the keys, when a run's workers (an elastic run's minimum: more come as nodes join) cannot all be
+    placed with a CPU left for Ray Data."""
     t = config.train
-    need = t.workers * t.cpus_per_worker
+    workers = t.min_workers
+    need = workers * t.cpus_per_worker
     if need + DATA_CPUS > cpus + 1e-9:
-        raise ConfigError(f"train.workers: {t.workers} worker(s) × train.cpus_per_worker {t.cpus_per_worker} CPU "
+        raise ConfigError(f"train.workers: {workers} worker(s) × train.cpus_per_worker {t.cpus_per_worker} CPU "
                           f"= {need:g} CPUs, plus {DATA_CPUS:g} for Ray Data, but the cluster has {cpus:g} CPUs; "
                           f"lower train.workers or train.cpus_per_worker")
-    if t.use_gpu and t.workers > gpus:
-        raise ConfigError(f"train.use_gpu: {t.workers} worker(s) need {t.workers} GPUs, the cluster has {gpus:g}")
+    if t.use_gpu and workers > gpus:
+        raise ConfigError(f"train.use_gpu: {workers} worker(s) need {workers} GPUs, the cluster has {gpus:g}")
 
 
 def concurrent_trials(config: Config, trainable_cpus: float, max_concurrent: int | None, cpus: float,
                       gpus: float) -> int:
     """How many training runs of ``config`` fit at once: each takes its workers, a Tune trainable of
-    ``trainable_cpus`` and a CPU for Ray Data's tasks."""
+    ``trainable_cpus`` and a CPU for Ray Data's tasks (an elastic run counts at its maximum)."""
     t = config.train
-    per_trial = t.workers * t.cpus_per_worker + trainable_cpus
+    workers = t.max_workers
+    per_trial = workers * t.cpus_per_worker + trainable_cpus
     if per_trial + DATA_CPUS > cpus + 1e-9:
-        raise ConfigError(f"trainable_cpus: a trial takes {t.workers} worker(s) × train.cpus_per_worker "
+        raise ConfigError(f"trainable_cpus: a trial takes {workers} worker(s) × train.cpus_per_worker "
                           f"{t.cpus_per_worker} + trainable_cpus {trainable_cpus} = {per_trial:g} CPUs, plus "
                           f"{DATA_CPUS:g} for Ray Data, but the cluster has {cpus:g}; lower train.workers, "
                           f"train.cpus_per_worker or trainable_cpus")
     limit = int((cpus + 1e-9) // (per_trial + DATA_CPUS))
     if t.use_gpu:
-        if t.workers > gpus:
-            raise ConfigError(f"train.use_gpu: a trial's {t.workers} worker(s) need {t.workers} GPUs, the cluster "
+        if workers > gpus:
+            raise ConfigError(f"train.use_gpu: a trial's {workers} worker(s) need {workers} GPUs, the cluster "
                               f"has {gpus:g}")
-        limit = min(limit, int(gpus // t.workers))
+        limit = min(limit, int(gpus // workers))
     return max(1, min(max_concurrent or limit, limit))

@@ -5,6 +5,7 @@ Every field carries its default; presets (``presets/*.yaml``) and experiment fil
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -253,7 +254,7 @@ class ScheduleConfig:
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # webdataset tars, globs or manifest files
     weights: list[float] | None = None  # one per entry of shards when several sources are mixed
-    batch_size: int = 64  # per worker
+    batch_size: int = 64  # per worker (an elastic run: per worker at train.workers' max; see Config.rank_batch)
     img_size: int = 224
     min_scale: float = 0.08
     shuffle_buffer: int = 1000
@@ -321,7 +322,11 @@ class TrackingConfig:
 
 @dataclass
 class TrainConfig:
-    workers: int = 1
+    # a count, or [min, max]: elastic (Ray Train starts with the workers the cluster has room for, at least min, goes
+    # on with fewer from the last checkpoint when a node is lost and grows back when room returns); the global batch
+    # stays data.batch_size × max whatever the workers, so the schedule and learning rate do not change
+    workers: int | list[int] = 1
+    elastic_check_s: float = 60.0  # an elastic run looks this often for room to grow (Ray Train's resize monitor)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # auto: bf16 autocast on a GPU that has it (fp16 with the gradient scaler on one that has not), fp32 on CPU
@@ -344,8 +349,24 @@ class TrainConfig:
     deterministic: bool = False  # ordered data, seeded augmentation, deterministic kernels: reproducible runs
     collective_timeout_s: float = 1800.0  # how long a rank waits in a collective for the others before the run fails
 
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[-1] if isinstance(self.workers, list) else self.workers
+
     def validate(self, key: str) -> None:
-        _require(self.workers >= 1, f"{key}.workers", f"must be >= 1, got {self.workers}")
+        _require(not self.elastic or len(self.workers) == 2, f"{key}.workers",
+                 f"must be a count or [min, max], got {self.workers}")
+        _require(1 <= self.min_workers <= self.max_workers, f"{key}.workers",
+                 f"must be >= 1 (and min <= max), got {self.workers}")
+        _require(self.elastic_check_s > 0, f"{key}.elastic_check_s", "must be > 0 (seconds)")
         _require(self.collective_timeout_s > 0, f"{key}.collective_timeout_s", "must be > 0 (seconds)")
         _require(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
         _require(self.stop_after is None or self.stop_after >= 1, f"{key}.stop_after", "must be >= 1")
@@ -378,4 +399,23 @@ class Config:
         self.eval.validate("eval")
         self.tracking.validate("tracking")
         self.train.validate("train")
+        t = self.train
+        uneven = [w for w in range(t.min_workers, t.max_workers + 1) if self.global_batch % w] if t.elastic else []
+        if uneven:  # every world size an elastic run may take must split its global batch evenly
+            need = math.lcm(*range(t.min_workers, t.max_workers + 1))
+            raise ConfigError(f"data.batch_size: an elastic run keeps its global batch (data.batch_size "
+                              f"{self.data.batch_size} × {t.max_workers} max workers = {self.global_batch}) at any "
+                              f"number of workers, and it does not split evenly over {uneven[0]} workers; with "
+                              f"train.workers {t.workers}, data.batch_size must be a multiple of "
+                              f"{need // math.gcd(need, t.max_workers)}")
         return self
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step over all workers: data.batch_size × train.workers (its max when elastic)."""
+        return self.data.batch_size * self.train.max_workers
+
+    def rank_batch(self, world: int) -> int:
+        """Each of ``world`` ranks' share of a step: data.batch_size; in an elastic run the fixed global batch
+        over the ranks there are (at max workers, data.batch_size again)."""
+        return self.global_batch // world if self.train.elastic else self.data.batch_size

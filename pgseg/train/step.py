@@ -91,7 +91,7 @@ class TrainStep:
     @property
     def global_batch(self) -> int:
         """The images one step compares against: every rank's batch."""
-        return self.config.data.batch_size * self.world.world
+        return self.config.rank_batch(self.world.world) * self.world.world
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

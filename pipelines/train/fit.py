@@ -86,7 +86,9 @@ def fit(plan: Plan, *, callbacks: list[Any] = (), run_tags: dict[str, str] | Non
     trainer = TorchTrainer(  # no datasets: the workers read the data pass by pass (pipelines/train/passes.py)
         train_loop_per_worker, train_loop_config={SETTINGS: ray.put(loop)},
         torch_config=torch_config(on_loopback(), t.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
+        scaling_config=ScalingConfig(num_workers=(t.min_workers, t.max_workers) if t.elastic else t.workers,
+                                     elastic_resize_monitor_interval_s=t.elastic_check_s,
+                                     use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=t.max_failures),

@@ -88,8 +88,10 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         metrics_log.event("resumed_from_step", step, step)  # one value per restart, whatever the floor
     # deterministic: the interrupted pass again in the same order, its done batches skipped; otherwise that pass
     # again from its start, in a new order (each of its samples comes at least once)
-    held = ExecutionResources(cpu=t.workers * t.cpus_per_worker, gpu=t.workers if t.use_gpu else 0)  # by workers
-    stream = pass_batches(loop.ingest, world, held, data.batch_size, data.shuffle_buffer,
+    held = ExecutionResources(cpu=world.world * t.cpus_per_worker, gpu=world.world if t.use_gpu else 0)  # by workers
+    # (an elastic run's global batch stays the same at any world size: each rank takes its share of it, and the data
+    # position counts global batches, so a run resumed with other workers goes on where the pass stood)
+    stream = pass_batches(loop.ingest, world, held, config.rank_batch(world.world), data.shuffle_buffer,
                           data.seed if t.deterministic else None, device, start_pass=position[0],
                           skip=position[1] if t.deterministic else 0)
     stop_at = min(total, t.stop_after or total)
@@ -167,6 +169,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             metrics: dict[str, Any] = {"step": step, "total_steps": total, "epoch": step / steps_per_epoch,
                                        "lr": step_fn.optimizer.param_groups[0]["lr"], **result.losses,
                                        "grad_norm": result.grad_norm, "global_batch": step_fn.global_batch,
+                                       "workers": world.world,
                                        "nonfinite_steps": nonfinite,
                                        "images_per_s": window_steps * step_fn.global_batch / (now - window_start)}
             metrics.update({k: float(v) for k, v in result.metrics.items()})

@@ -28,7 +28,7 @@ class Plan:
 
     @property
     def global_batch(self) -> int:
-        return self.config.data.batch_size * self.config.train.workers
+        return self.config.global_batch
 
     @property
     def run_key(self) -> str:
@@ -58,11 +58,10 @@ def plan_training(config: Config, *, samples_per_epoch: int | None = None) -> Pl
     samples = samples_per_epoch or data.samples_per_epoch or manifest_samples(data.shards)
     if not samples:
         raise ConfigError("data.samples_per_epoch: the shards have no manifest to count them; set it")
-    global_batch = data.batch_size * t.workers
-    steps_per_epoch = samples // global_batch
+    steps_per_epoch = samples // config.global_batch
     if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size: one global batch ({data.batch_size} × {t.workers} workers = "
-                          f"{global_batch}) is larger than an epoch ({samples} samples)")
+        raise ConfigError(f"data.batch_size: one global batch ({data.batch_size} × {t.max_workers} workers = "
+                          f"{config.global_batch}) is larger than an epoch ({samples} samples)")
     name = t.name or time.strftime("pgseg-%Y%m%d-%H%M%S")
     storage = t.storage_path if is_uri(t.storage_path) else str(Path(t.storage_path).resolve())
     for key in ("datasets", "final_datasets"):  # scored during training: readable before any worker starts
