@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 import torchvision.transforms.v2.functional as TF
 
 from ray.data.datasource import FileBasedDatasource
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pgseg.text import IMAGENET_TEMPLATES, NounVocabulary, noun_prompt_ids, tokenize
 from pipelines import storage
@@ -276,7 +277,10 @@ class Ingest:
     keys: dict[str, KeyMap] | None = None  # the key mapping of imported sets' shards (see shard_sets)
 
     def __post_init__(self) -> None:
-        self.counter = SkipCounter.remote()
+        # on the creating process's node (the driver's, or a sweep trial's): an actor placed on a worker node would
+        # take the counts, and every later data task and report, down with that node (an elastic run loses nodes)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.counter = SkipCounter.options(scheduling_strategy=here).remote()
 
     @classmethod
     def from_paths(cls, paths: list[str], **kw: Any) -> "Ingest":
