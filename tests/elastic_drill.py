@@ -90,7 +90,11 @@ def main() -> int:
     try:
         thread.start()
         wait_for("two checkpoints of two workers", lambda: sum(w == 2 for _, w in stored(run_dir)) >= 2, thread)
-        cluster.remove_node(nodes[1])  # its worker dies with it
+        # the worker node the driver is not attached to (every node here is 127.0.0.1, so the driver may have
+        # joined a worker node's raylet; on a cluster the driver's node is the head, which stays)
+        driver_node = ray.get_runtime_context().get_node_id()
+        victim = next(n for n in nodes if n.node_id != driver_node)
+        cluster.remove_node(victim)  # its training worker dies with it
         event("node removed")
         wait_for("checkpoint of one worker", lambda: any(w == 1 for _, w in stored(run_dir)), thread)
         add_node()
