@@ -58,7 +58,7 @@ def rescore(records: Path, models: Path) -> None:
     for path in sorted(records.glob("*_seed*.json")):
         record = json.loads(path.read_text())
         model_file = models / f"{record['name']}_seed{record['seed']}.safetensors"
-        if "miou_by_bg_thresh" in record["val"] or not model_file.is_file():
+        if ("miou_by_bg_thresh" in record["val"] and "iou_by_class" in record["val"]) or not model_file.is_file():
             continue
         model, config = load_model(model_file)
         val = voc(write_voc_val(ShapesWorld(**record["world"]), Path(tempfile.mkdtemp()) / "val",
@@ -68,9 +68,24 @@ def rescore(records: Path, models: Path) -> None:
             record["val"]["miou_by_bg_thresh"] = {
                 str(t): confusion_in_process(model, val, replace(settings, bg_thresh=t)).scores().miou
                 for t in BG_THRESHOLDS}
+            record["val"].update(per_class(model, val, settings))
         record["rescored_by"] = command
         path.write_text(json.dumps(record, indent=1) + "\n")
-        print(path.name, {k: round(100 * v, 1) for k, v in record["val"]["miou_by_bg_thresh"].items()}, flush=True)
+        print(path.name, {k: round(100 * v, 1) for k, v in record["val"]["miou_by_bg_thresh"].items()},
+              {k: round(100 * v, 1) for k, v in record["val"]["iou_by_class"].items()}, flush=True)
+
+
+def per_class(model, dataset, settings) -> dict[str, dict[str, float]]:
+    """IoU of each class of ``dataset`` under the protocol (``iou_by_class``) and with each group named by its
+    majority class (``oracle_iou_by_class``): which classes the naming loses, and which the grouping already does."""
+    from pgseg.analyze import oracle_confusion
+    from pgseg.evaluate import confusion_in_process
+
+    def table(matrix) -> dict[str, float]:
+        return {row["class"]: row["iou"] for row in matrix.scores().table()}
+
+    return {"iou_by_class": table(confusion_in_process(model, dataset, settings)),
+            "oracle_iou_by_class": table(oracle_confusion(model, dataset, settings))}
 
 
 def main() -> None:
@@ -78,7 +93,7 @@ def main() -> None:
     parser.add_argument("name", nargs="?", default=None)
     parser.add_argument("--rescore", action="store_true",
                         help="score the saved final models of the records in --out again at several background "
-                             "thresholds (needs --model-out)")
+                             "thresholds and per class (needs --model-out)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE (after the quickstart's)")
     parser.add_argument("--world", nargs="*", default=[], help="shapes-world fields KEY=VALUE")
     parser.add_argument("--seed", type=int, default=0, help="train.seed and data.seed")
@@ -182,6 +197,7 @@ def main() -> None:
     with torch.no_grad():  # the protocol's background threshold is the dataset's setting: the final model at several
         final["miou_by_bg_thresh"] = {str(t): confusion_in_process(trainer.model, val, replace(settings, bg_thresh=t))
                                       .scores().miou for t in BG_THRESHOLDS}
+        final.update(per_class(trainer.model, val, settings))
     if args.model_out:
         from pgseg.checkpoint import save_model
 
