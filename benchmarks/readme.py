@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -227,13 +228,27 @@ def _changes(record: dict) -> str:
     return ", ".join(f"`{p}`" for p in parts) or "nothing"
 
 
+def _per_class(runs: list[dict]) -> str:
+    """Each class's IoU (and oracle-group IoU) averaged over the runs that recorded it."""
+    scored = [r["val"] for r in runs if "iou_by_class" in r["val"]]
+    if not scored:
+        return "–"
+
+    def mean(key: str, name: str) -> float:
+        return statistics.mean(100 * v[key][name] for v in scored)
+
+    return ", ".join(f"{name} {mean('iou_by_class', name):.0f} ({mean('oracle_iou_by_class', name):.0f})"
+                     for name in scored[0]["iou_by_class"])
+
+
 def _learner() -> str:
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / "learner").glob("*.json"))]
     by_name: dict[str, list[dict]] = {}
     for r in records:
         by_name.setdefault(r["name"], []).append(r)
     lines = ["| run | against the quickstart of | changed | seeds | final val mIoU at bg 0.5 | at bg 0.95 | "
-             "final val oracle-group mIoU | steps | train time |", "|---|---|---|---|---|---|---|---|---|"]
+             "at bg 0.95: mean ± std | final val oracle-group mIoU | per class at bg 0.95, mean over seeds "
+             "(oracle-group) | steps | train time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in by_name.items():
         runs.sort(key=lambda r: r["seed"])
 
@@ -244,9 +259,13 @@ def _learner() -> str:
 
         oracle = ", ".join(f"{100 * r['val']['oracle_miou']:.1f}" for r in runs)
         seconds = ", ".join(f"{r['train_s'] / 60:.0f} min" for r in runs)
-        lines.append(f"| {name} | `{runs[0]['commit'][:7]}` | {_changes(runs[0])} | "
-                     f"{', '.join(str(r['seed']) for r in runs)} | {at('0.5')} | {at('0.95')} | {oracle} | "
-                     f"{runs[0]['steps']} | {seconds} |")
+        high = [100 * r["val"]["miou_by_bg_thresh"]["0.95"] for r in runs
+                if "0.95" in r["val"].get("miou_by_bg_thresh", {})]
+        spread = (f"{statistics.mean(high):.1f} ± {statistics.stdev(high):.1f}" if len(high) > 1 else "–")
+        commit = f"`{runs[0]['commit'][:7]}`" + (" + uncommitted changes" if any(r.get("dirty") for r in runs) else "")
+        lines.append(f"| {name} | {commit} | {_changes(runs[0])} | "
+                     f"{', '.join(str(r['seed']) for r in runs)} | {at('0.5')} | {at('0.95')} | {spread} | {oracle} | "
+                     f"{_per_class(runs)} | {runs[0]['steps']} | {seconds} |")
     first = records[0] if records else {}
     lines.append("")
     lines.append(f"Measured by `python -m benchmarks.learner NAME ...` ({len(records)} runs, `results/learner/`; "
