@@ -42,14 +42,13 @@ def quickstart_parts() -> tuple[dict, dict]:
 
 
 def rescore(records: Path, models: Path) -> None:
-    """``--rescore``: the saved final model of every record in ``records`` scored again on its world's val set at
-    each of BG_THRESHOLDS (the protocol's background threshold is the dataset's setting, not the model's); the
-    figures are added to the record with the command that measured them."""
+    """``--rescore``: the saved final model of every record in ``records`` that lacks them scored again on its
+    world's val set (:func:`final_scores`: at each of BG_THRESHOLDS and per class); the figures are added to the
+    record with the command that measured them."""
     import torch
 
     from pgseg.checkpoint import load_model
     from pgseg.datasets import voc
-    from pgseg.evaluate import confusion_in_process
     from pgseg.segment import ProtocolSettings, background_threshold
     from pipelines.data.shapes_world import ShapesWorld, write_voc_val
 
@@ -64,28 +63,36 @@ def rescore(records: Path, models: Path) -> None:
         val = voc(write_voc_val(ShapesWorld(**record["world"]), Path(tempfile.mkdtemp()) / "val",
                                 record["val_images"], "val"))
         settings = ProtocolSettings.of(config.eval, background_threshold(None, config.eval, val.bg_thresh))
-        with torch.no_grad():
-            record["val"]["miou_by_bg_thresh"] = {
-                str(t): confusion_in_process(model, val, replace(settings, bg_thresh=t)).scores().miou
-                for t in BG_THRESHOLDS}
-            record["val"].update(per_class(model, val, settings))
+        scores = final_scores(model, val, settings)
+        record["val"].update({k: scores[k] for k in ("miou_by_bg_thresh", "iou_by_class", "oracle_iou_by_class")})
         record["rescored_by"] = command
         path.write_text(json.dumps(record, indent=1) + "\n")
         print(path.name, {k: round(100 * v, 1) for k, v in record["val"]["miou_by_bg_thresh"].items()},
               {k: round(100 * v, 1) for k, v in record["val"]["iou_by_class"].items()}, flush=True)
 
 
-def per_class(model, dataset, settings) -> dict[str, dict[str, float]]:
-    """IoU of each class of ``dataset`` under the protocol (``iou_by_class``) and with each group named by its
-    majority class (``oracle_iou_by_class``): which classes the naming loses, and which the grouping already does."""
+def final_scores(model, dataset, settings) -> dict:
+    """The final model on ``dataset``: mIoU and oracle-group mIoU (each group named by its majority class), each
+    class's IoU under both (which classes the naming loses, and which the grouping already does), and the mIoU at
+    each of BG_THRESHOLDS (the protocol's background threshold is the dataset's setting, not the model's). Each
+    confusion matrix is computed once."""
+    import torch
+
     from pgseg.analyze import oracle_confusion
     from pgseg.evaluate import confusion_in_process
 
-    def table(matrix) -> dict[str, float]:
-        return {row["class"]: row["iou"] for row in matrix.scores().table()}
+    def by_class(scores) -> dict[str, float]:
+        return {row["class"]: row["iou"] for row in scores.table()}
 
-    return {"iou_by_class": table(confusion_in_process(model, dataset, settings)),
-            "oracle_iou_by_class": table(oracle_confusion(model, dataset, settings))}
+    model.eval()
+    with torch.no_grad():
+        protocol = confusion_in_process(model, dataset, settings).scores()
+        oracle = oracle_confusion(model, dataset, settings).scores()
+        by_threshold = {str(t): protocol.miou if t == settings.bg_thresh else
+                        confusion_in_process(model, dataset, replace(settings, bg_thresh=t)).scores().miou
+                        for t in BG_THRESHOLDS}
+    return {"miou": protocol.miou, "oracle_miou": oracle.miou, "miou_by_bg_thresh": by_threshold,
+            "iou_by_class": by_class(protocol), "oracle_iou_by_class": by_class(oracle)}
 
 
 def main() -> None:
@@ -192,12 +199,7 @@ def main() -> None:
                 curve.append(point)
                 print(json.dumps(point), flush=True)
     train_s = time.perf_counter() - start
-    final = score(val)
-    trainer.model.eval()
-    with torch.no_grad():  # the protocol's background threshold is the dataset's setting: the final model at several
-        final["miou_by_bg_thresh"] = {str(t): confusion_in_process(trainer.model, val, replace(settings, bg_thresh=t))
-                                      .scores().miou for t in BG_THRESHOLDS}
-        final.update(per_class(trainer.model, val, settings))
+    final = final_scores(trainer.model, val, settings)
     if args.model_out:
         from pgseg.checkpoint import save_model
 
