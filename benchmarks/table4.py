@@ -6,6 +6,7 @@ difference from GroupViT paired by seed with its interval, the verdict sentences
 
     python -m benchmarks.table4 [--workdir /tmp/pgseg-table4] [--out results/table4_tiny.json] [--set KEY=VALUE ...]
     python -m benchmarks.table4 --workdir /tmp/pgseg-table4 --resume   # after an interruption: finished trials kept
+    python -m benchmarks.table4 --address 127.0.0.1:6379 --set train.workers=1 ...  # on a cluster started for it
 
 A resumed measurement records no wall time (part of the work was done before), only that it was resumed.
 """
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override of the trials' config, passed to pgseg sweep (recorded)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --workdir (interrupted)")
+    parser.add_argument("--address", help="a running Ray cluster for the sweep (e.g. one started with more logical "
+                                          "CPUs, so that one-worker trials run side by side); recorded")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     import yaml
@@ -49,7 +52,7 @@ def main() -> None:
     if workdir.exists() and not args.resume:
         _refuse(f"{workdir} exists; name a new folder, or --resume the sweep in it (nothing of yours is replaced)")
     command = [sys.executable, "-m", "jobs.cli", "sweep", "--config", args.sweep, "--workdir", str(workdir),
-               *[f"--set={kv}" for kv in args.set]]
+               *[f"--set={kv}" for kv in args.set], *(["--address", args.address] if args.address else [])]
     commit, dirty = commit_state()
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     start = time.perf_counter()
