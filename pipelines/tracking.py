@@ -7,10 +7,12 @@ again) carries a key tag: :meth:`Tracker.keyed_run` is the one find-or-create of
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -22,6 +24,7 @@ from typing import Any
 import pandas as pd
 from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS as LOGGED_ARTIFACTS
 from PIL import Image
 
 from pgseg.analyze import Analysis
@@ -164,7 +167,19 @@ class Tracker:
         self.client.log_dict(run_id, value, path)
 
     def log_table(self, run_id: str, table: list[dict[str, Any]] | dict[str, list[Any]], path: str) -> None:
-        self.client.log_table(run_id, pd.DataFrame(table), path)
+        """``table`` as an MLflow table (``path`` ending in .json: the UI's table view); logged again at the same path
+        it *replaces* the earlier one, where ``MlflowClient.log_table`` would append its rows (a sweep run again
+        after a failed trial would show every trial twice)."""
+        if not path.endswith(".json"):
+            raise ValueError(f"log_table: {path!r} must end in .json")
+        folder, name = os.path.split(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            pd.DataFrame(table).to_json(local, orient="split", index=False, date_format="iso")  # MLflow's layout
+            self.client.log_artifact(run_id, str(local), folder or None)
+        logged = json.loads(self.client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
+        if {"path": path, "type": "table"} not in logged:  # the tag that makes the UI show it as a table
+            self.client.set_tag(run_id, LOGGED_ARTIFACTS, json.dumps([*logged, {"path": path, "type": "table"}]))
 
     def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), folder)

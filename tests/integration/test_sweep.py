@@ -155,6 +155,10 @@ def test_a_failed_trial_ends_its_run_failed_with_the_reason(ray_local, shapes_da
     (run,) = _children(client, "sweep-fails", result.run_id)
     assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["pgseg.error"]
     assert client.get_run(result.run_id).info.status == "FAILED"
+    # the same sweep again: the failed trial is tried once more, in the same parent run, whose summary is replaced
+    again = run_sweep(spec, printer=lambda _: None)
+    assert again.run_id == result.run_id and [r.status for r in again.rows] == ["failed"]
+    assert [r["status"] for r in _summary(client, result.run_id)] == ["failed"]
 
 
 def test_a_sweep_survives_training_workers_killed_at_random(ray_local, shapes_data, mlflow_server, tmp_path):
@@ -174,13 +178,15 @@ def test_a_sweep_survives_training_workers_killed_at_random(ray_local, shapes_da
                              set=["train.max_failures=3", "train.checkpoint_every=2"],
                              space={"train.seed": {"grid": [0, 1]}}))
     rng, killed, stop = random.Random(15), [], threading.Event()
+    # this session's cluster by name: without an address the state API asks the machine's latest `ray start`ed one
+    cluster = ray_local.get_runtime_context().gcs_address
 
     def chaos() -> None:
         deadline = time.monotonic() + 600
         while not stop.is_set() and len(killed) < 3 and time.monotonic() < deadline:
             stop.wait(rng.uniform(5, 15))
-            workers = sorted(a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                                  ("state", "=", "ALIVE")]) if a.pid)
+            workers = sorted(a.pid for a in list_actors(cluster, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                           ("state", "=", "ALIVE")]) if a.pid)
             if workers and not stop.is_set():
                 pid = rng.choice(workers)
                 try:
