@@ -217,7 +217,8 @@ try:
     except ValueError as exc:
         out["refused"] = str(exc)
     out["first"] = download(urls, bucket, spec)
-    out["task_nodes"] = len({t.node_id for t in list_tasks(filters=[("name", "=", "ray_download")]) if t.node_id})
+    tasks = list_tasks(cluster.address, filters=[("name", "=", "ray_download")])  # this cluster, not the latest
+    out["task_nodes"] = len({t.node_id for t in tasks if t.node_id})
     out["before"] = listing()
     # cut short: shard 1 never finished (its tar half there, no stats); the same command again
     storage.remove(storage.child(bucket, "00001_stats.json"))

@@ -161,7 +161,9 @@ def test_nonfinite_stop_names_the_step(ray_local, shapes_data, tmp_path, monkeyp
     # on the embedded Ray nothing is ever drained: Ray Train starts no preemption watcher for the run
     from ray.util.state import list_actors
 
-    assert list_actors(filters=[("class_name", "=", "PreemptionWatcher")]) == []
+    watchers = list_actors(ray_local.get_runtime_context().gcs_address,  # this session's cluster, not the latest
+                           filters=[("class_name", "=", "PreemptionWatcher")])
+    assert watchers == []
 
 
 def test_a_dev_evaluation_longer_than_the_collective_timeout_stalls_no_rank(ray_local, shapes_data, tmp_path):
