@@ -2,10 +2,11 @@
 run, alternating rounds, medians:
 
 - ``release_way``: our model run the way the released code runs it — attention written out (softmax(QKᵀ/√d)·V, in
-  timm's blocks and in ours), the Hungarian matching by SciPy one image at a time with a device→host copy each, and
-  AdamW's per-parameter loop (torch 1.8's only one). The released module itself is not in this repository (we do not
+  timm's blocks and in ours), the Hungarian matching by SciPy one image at a time with a device→host copy each,
+  AdamW's per-parameter loop (torch 1.8's only one), and the text tower over all 77 token columns. The released module itself is not in this repository (we do not
   copy its code); this is the stated stand-in.
-- ``ours``: the defaults (fused attention, batched matching, fused AdamW);
+- ``ours``: the defaults (fused attention, batched matching, fused AdamW, the text tower cut after the batch's last
+  EOT: pgseg.model.text_encoder.used_columns);
 - ``ours_compiled``: the same with ``train.compile: true`` (its compile is a warm-up, not timed);
 - ``groupvit``: ours without NPR (``groupvit_vit_s``), for what NPR costs against what it adds in FLOPs
   (torch.utils.flop_counter; the solver on the host is not a FLOP it counts).
@@ -79,6 +80,7 @@ def release_way() -> Iterator[None]:
     import timm.layers
 
     import pgseg.model.layers as layers
+    import pgseg.model.text_encoder as text_encoder
     import pgseg.train.optim as optim
     import pgseg.train.step as step
 
@@ -88,16 +90,17 @@ def release_way() -> Iterator[None]:
                                  lr=optim.scaled_rates(config, global_batch).lr, betas=tuple(o.betas), eps=o.eps,
                                  foreach=False, fused=False)
 
-    saved = (layers.F, step.build_optimizer)
+    saved = (layers.F, step.build_optimizer, text_encoder.used_columns)
     functional = type("F", (), {"scaled_dot_product_attention": staticmethod(_written_out_attention),
                                 "__getattr__": lambda self, name: getattr(torch.nn.functional, name)})()
     timm.layers.set_fused_attn(False)  # timm's blocks read it when built
     layers.F, step.build_optimizer = functional, looped_adamw
+    text_encoder.used_columns = lambda tokens: tokens.shape[1]  # every column: the release pads captions to 77
     try:
         with per_image_matching():
             yield
     finally:
-        layers.F, step.build_optimizer = saved
+        layers.F, step.build_optimizer, text_encoder.used_columns = saved
         timm.layers.set_fused_attn(True)
 
 

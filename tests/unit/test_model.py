@@ -149,6 +149,30 @@ def test_text_tokens_longer_than_context_are_refused():
         model.encode_text(torch.zeros(2, 77, dtype=torch.long))
 
 
+def test_the_text_tower_stops_after_the_last_eot_and_its_features_do_not_change():
+    from pgseg.model import text_encoder
+
+    torch.manual_seed(0)
+    config = load_config("tiny", ["model.text.context_length=77"])
+    model = PGSeg.from_config(config).eval()
+    tokens = tokenize(["a cat", "a red bus on a wet street at night", "dog"], 77)
+    last = int((tokens == tokens.max()).nonzero()[:, 1].max())  # the longest caption's EOT column
+    assert text_encoder.used_columns(tokens) == -(-(last + 1) // 8) * 8 < 77
+    assert text_encoder.used_columns(tokens[:, :last + 1]) == last + 1  # never more columns than given
+    seen = []
+    hook = model.text_encoder.transformer.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        cut = model.encode_text(tokens).x
+        saved, text_encoder.used_columns = text_encoder.used_columns, lambda t: t.shape[1]
+        try:
+            full = model.encode_text(tokens).x
+        finally:
+            text_encoder.used_columns = saved
+    hook.remove()
+    assert seen == [text_encoder.used_columns(tokens), 77]
+    assert torch.allclose(cut, full, atol=1e-5) and not torch.allclose(cut[0], cut[2], atol=1e-3)
+
+
 def test_prototype_count_may_differ_from_group_count():
     model = _tiny("npr.num_prototypes=[24, 4]").train()
     out = model(*_batch())
