@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..config import Config, LossConfig, ModelConfig, NPRConfig
 from ..distributed import SINGLE, Collectives
 from ..losses import contrastive_loss, multi_label_loss
+from . import text_encoder
 from .image_encoder import ImageEncoder, ImageOutput
 from .layers import ProjectMLP
 from .npr import ema_, pg_loss
@@ -103,7 +104,7 @@ class PGSeg(nn.Module):
     def encode_text(self, tokens: torch.Tensor, *, mean: Mean | None = None) -> TextEmbedding:
         """Text embeddings; with T-NPR also the text prototypes. In ``text_ema: every_forward`` (released) mode the
         text-prototype buffer is updated here, on every call, in evaluation too."""
-        feature = self.text_encoder(tokens)
+        feature = self.text_encoder(tokens, text_encoder.used_columns(tokens))  # the padding after EOT: no work
         prototypes = None
         if self.text_encoder.Atten is not None:
             prototypes = self.text_encoder.Atten(feature)

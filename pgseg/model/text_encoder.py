@@ -15,7 +15,8 @@ def used_columns(tokens: torch.Tensor, multiple: int = 8) -> int:
     argmax of a row), rounded up to a multiple of ``multiple`` (fewer shapes for torch.compile), at most L. Under the
     causal mask no position sees a later one, so cutting the padding after it changes no EOT feature (float noise
     aside) and saves the text tower most of its work on short captions and class prompts. One host read of a scalar
-    (a wait on a GPU; it comes first in the training forward, behind only the previous step's queue)."""
+    (a wait on a GPU; it comes first in the training forward, behind only the previous step's queue); taken outside
+    the encoder (PGSeg.encode_text), so a compiled encoder has no graph break."""
     last = int(tokens.argmax(dim=-1).max()) + 1
     return min(tokens.shape[1], -(-last // multiple) * multiple)
 
@@ -48,11 +49,12 @@ class TextEncoder(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` [B, L] CLIP BPE ids (L ≤ context_length) → feature [B, width]."""
+    def forward(self, tokens: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+        """``tokens`` [B, L] CLIP BPE ids (L ≤ context_length) → feature [B, width]; only their first ``columns``
+        (:func:`used_columns`) are encoded when given."""
         if tokens.ndim != 2 or tokens.shape[1] > self.cfg.context_length:
             raise ValueError(f"text tokens must be [B, L] with L <= {self.cfg.context_length}, got {tuple(tokens.shape)}")
-        tokens = tokens[:, :used_columns(tokens)]
+        tokens = tokens[:, :columns]
         n = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:n]  # [B, L, W]
         x = self.transformer(x, attn_mask=self.attn_mask[:n, :n])
