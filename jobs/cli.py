@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .runtime import DefaultsFormatter, loopback_unless_named, user_error
+from .runtime import DefaultsFormatter, loopback_unless_named, refuse_unreachable, user_error
 
 from importlib.metadata import version
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     loopback_unless_named(args)
+    refused = refuse_unreachable(args)
+    if refused is not None:
+        return refused
     if args.command == "data":
         from . import data
 

@@ -34,6 +34,20 @@ def loopback_unless_named(args: argparse.Namespace) -> None:
         use_loopback()
 
 
+def refuse_unreachable(args: argparse.Namespace) -> int | None:
+    """Right after parsing, before any stage runs: exit 2 with the reason when the named cluster does not answer."""
+    from pgseg.config import ConfigError
+    from pipelines.runtime import check_address
+
+    if not hasattr(args, "address"):
+        return None
+    try:
+        check_address(args.address)
+    except ConfigError as exc:
+        return user_error(exc)
+    return None
+
+
 def user_error(message: object) -> int:
     print(f"error: {message}", file=sys.stderr)
     return USER_ERROR
@@ -45,4 +59,5 @@ def entrypoint(prog: str, description: str | None, add_arguments, run, argv: lis
     add_arguments(parser)
     args = parser.parse_args(argv)
     loopback_unless_named(args)
-    return run(args)
+    refused = refuse_unreachable(args)
+    return refused if refused is not None else run(args)

@@ -31,6 +31,25 @@ def named_address(address: str | None = None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Raise ConfigError when the named cluster (``--address``, else ``RAY_ADDRESS``) cannot answer: a ``host:port``
+    or ``ray://host:port`` where nothing accepts a connection within ``timeout`` s, or a value of neither form
+    ("auto" is left to Ray, which says at once when no local cluster runs). Said before any work: Ray's client
+    would retry an unreachable address for minutes."""
+    named = named_address(address)
+    if not named or named in ("auto", "local"):
+        return
+    hint = "start one (`ray start --head`), name one that answers, or leave --address and RAY_ADDRESS unset " \
+           "for an embedded Ray on this machine"
+    host, _, port = named.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {named}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:  # ValueError: a port out of range
+        raise ConfigError(f"--address {named}: no Ray cluster answers there ({exc}): {hint}") from None
+
+
 def use_loopback() -> None:
     """Keep an embedded Ray on 127.0.0.1: call before Ray is imported (the CLI and the tests do; start_ray too)."""
     for key, value in LOOPBACK_ENV.items():
@@ -53,7 +72,11 @@ def start_ray(address: str | None = None, *, num_cpus: float | None = None, verb
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     if named:
-        ray.init(address=named, **options)
+        check_address(named)
+        try:
+            ray.init(address=named, **options)
+        except ConnectionError as exc:  # "auto" with no local cluster
+            raise ConfigError(f"--address {named}: {exc}") from None
         return "cluster"
     from pipelines.ray_private import loopback_driver  # (imports Ray: after use_loopback)
 

@@ -23,6 +23,7 @@ from pipelines.digest import value_digest
 from pipelines.flow.experiment import Experiment, training_config
 from pipelines.flow.manifest import STATE_DIR, StageRecord, manifest_path, outputs_present, read_record, write_record
 from pipelines.flow.stages import RUNNERS, Context, stage_section
+from pipelines.runtime import check_address
 from pipelines.tracking import Tracker
 
 WORKFLOW_KEY_TAG = "pgseg.workflow_key"
@@ -62,6 +63,7 @@ def run_workflow(experiment: Experiment, *, redo: list[str] = (), printer: Calla
     unknown = sorted(set(redo) - set(experiment.stages))
     if unknown:
         raise ConfigError(f"redo: {', '.join(unknown)} not a stage of this experiment ({', '.join(experiment.stages)})")
+    check_address(experiment.address)  # a cluster that does not answer is said before any stage, not after one
     tracker = Tracker(experiment.tracking.uri, check=True) if experiment.tracking.enabled else None
     root = experiment.root
     (root / STATE_DIR).mkdir(parents=True, exist_ok=True)

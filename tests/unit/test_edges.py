@@ -236,3 +236,26 @@ def test_an_explicit_zero_background_threshold_is_kept(tmp_path):
     image = _picture(tmp_path / "in" / "x.png", size=(64, 64), colour=(90, 120, 60))
     assert _segment(model, image, "--out", tmp_path / "out") == 0
     assert "background" not in json.loads((tmp_path / "out" / "x.json").read_text())["areas"]
+
+
+@pytest.mark.parametrize("address", ["closed", "ray://closed", "no-port", "127.0.0.1:99999"])
+def test_a_cluster_that_does_not_answer_is_refused_before_any_work(tmp_path, capsys, monkeypatch, address):
+    """A named cluster (--address, RAY_ADDRESS, an experiment's address) where nothing answers: exit 2 at once with
+    the reason, before any stage writes (Ray's client would retry it for minutes after the data stages ran)."""
+    from pipelines.runtime import free_port
+
+    address = address.replace("closed", f"127.0.0.1:{free_port()}")  # a port nobody listens on
+    workdir = tmp_path / "work"
+    commands = [["train", "--address", address],
+                ["sweep", "--config", str(REPO / "configs/sweeps/phi_tiny.yaml"), "--workdir", str(workdir),
+                 "--address", address],
+                ["quickstart", "--workdir", str(workdir), "--address", address],
+                ["quickstart", "--workdir", str(workdir), "--set", f"address={address}"]]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"--address {address}" in err and ("no Ray cluster answers" in err or "expected host:port" in err)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    assert f"--address {address}" in capsys.readouterr().err
+    assert not workdir.exists() or not any(workdir.rglob("*.json"))  # no stage ran, no manifest written
