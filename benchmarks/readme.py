@@ -116,8 +116,9 @@ def _step() -> str:
     lines = [f"Training step, {r['preset']}, batch {r['batch']}, {r['precision']}, {r['threads']} threads, medians of "
              f"{r['rounds']} alternating rounds:", "", "| step | s/step | images/s |", "|---|---|---|"]
     lines += [f"| {labels.get(n, n)} | {s:.2f} | {r['images_per_s'][n]:.1f} |" for n, s in r["seconds_per_step"].items()]
-    x = r["ratios"]
-    lines += [""] + [f"- {text}: {x[key]:.2f}" for key, text in (
+    x, paired = r["ratios"], r.get("paired_ratios", {})
+    lines += [""] + [f"- {text}: {x[key]:.2f}" + (f" (median of each round's own ratio: {paired[key]:.2f})"
+                                                  if key in paired else "") for key, text in (
         ("release_way_over_ours", "the release's way ÷ ours (time per step)"),
         ("release_way_over_ours_compiled", "the release's way ÷ ours compiled"),
         ("npr_time_ratio", "NPR's cost: ours ÷ GroupViT (time)"),

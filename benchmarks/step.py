@@ -11,8 +11,10 @@ run, alternating rounds, medians:
 - ``groupvit``: ours without NPR (``groupvit_vit_s``), for what NPR costs against what it adds in FLOPs
   (torch.utils.flop_counter; the solver on the host is not a FLOP it counts).
 
-Writes the times, the ratios and the top operators of one profiled ``ours`` step (with NPR's parts and the
-optimiser's step as regions, by their record_function names) to ``results/step-<device>.json``.
+Ratios both of the medians and as the median of each round's own ratio (paired: robust to a machine whose speed
+drifts between rounds, as this shared one does). Writes the times, the ratios and the top operators of one profiled
+``ours`` step (with NPR's parts and the optimiser's step as regions, by their record_function names) to
+``results/step-<device>.json``.
 
     python -m benchmarks.step [--batch 16] [--rounds 5] [--variants release_way,ours,ours_compiled,groupvit]
 """
@@ -175,18 +177,20 @@ def main() -> None:
         for name, step in steps.items():
             times[name].append(time_call(step))
     seconds = {name: median(t) for name, t in times.items()}
-    ratios = {}
-    if "release_way" in seconds:
-        ratios.update({f"release_way_over_{n}": seconds["release_way"] / seconds[n] for n in ("ours", "ours_compiled")
-                       if n in seconds})
-    if {"ours", "groupvit"} <= set(seconds):
-        ratios["npr_time_ratio"] = seconds["ours"] / seconds["groupvit"]
+    pairs = [(f"release_way_over_{n}", "release_way", n) for n in ("ours", "ours_compiled")]
+    pairs.append(("npr_time_ratio", "ours", "groupvit"))
+    pairs = [(key, a, b) for key, a, b in pairs if {a, b} <= set(seconds)]
+    ratios = {key: seconds[a] / seconds[b] for key, a, b in pairs}  # of the medians
+    # the median of each round's own ratio: a machine whose speed drifts between rounds moves both sides of a round
+    paired = {key: median([x / y for x, y in zip(times[a], times[b])]) for key, a, b in pairs}
+    if "npr_time_ratio" in ratios:
         ratios["npr_flops_ratio"] = flops["ours"] / flops["groupvit"]
         ratios["npr_time_over_flops"] = ratios["npr_time_ratio"] / ratios["npr_flops_ratio"]
+        paired["npr_time_over_flops"] = paired["npr_time_ratio"] / ratios["npr_flops_ratio"]
     for name in names:
         print(f"{name:14s} {seconds[name]:.3f} s/step  {args.batch / seconds[name]:.2f} images/s")
     for key, value in ratios.items():
-        print(f"{key}: {value:.3f}")
+        print(f"{key}: {value:.3f}" + (f" (median of the rounds' own: {paired[key]:.3f})" if key in paired else ""))
     profile = step_profile(steps["ours"], torch.device(args.device)) if "ours" in steps else None
     commit, dirty = commit_state()
     write_record(args.out or REPO / "results" / f"step-{args.device}.json", {
@@ -197,6 +201,7 @@ def main() -> None:
         "rounds": args.rounds, "seconds_per_step": seconds, "all_seconds": times,
         "images_per_s": {n: args.batch / s for n, s in seconds.items()},
         "flops_per_step": flops, "ratios": {k: v for k, v in ratios.items() if math.isfinite(v)},
+        "paired_ratios": {k: v for k, v in paired.items() if math.isfinite(v)},
         "profile_ours": profile})
 
 
