@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" NO_ALBUMENTATIONS_UPDATE=1
 WORK=$(realpath -m "${1:-$(mktemp -d /tmp/pgseg-rehearsal.XXXXXX)}")
 mkdir -p "$WORK"
+export PGSEG_REHEARSAL="$WORK"  # every process started from here carries it (how a check finds what outlived us)
 port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PIDS=()
 cleanup() {
