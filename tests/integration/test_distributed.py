@@ -4,7 +4,6 @@ model's gradient averaged over the two ranks (what DDP applies) is one process's
 BatchNorm statistics frozen (on CPU each rank normalises with its own batch's: README, "BatchNorm"); so does the
 group-level noun loss with one group per noun (its assignments made over the gathered batch)."""
 import os
-import socket
 import tempfile
 
 import pytest
@@ -21,12 +20,6 @@ from pgseg.train.dev_eval import frozen_replica
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _frozen_batchnorm_model_and_batch(world: D.Collectives = D.SINGLE):
@@ -51,10 +44,12 @@ def _group_noun_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.randn(8, 4, 8, generator=gen), torch.randn(8, 2, 8, generator=gen), ids
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, out_dir: str) -> None:
+    # the rendezvous in a file (a TCP store would listen on every interface) and gloo's links on the loopback device
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=60))
     try:
         # 1. prototype EMA: every rank starts from the same model and sees different images
         torch.manual_seed(0)
@@ -108,7 +103,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(out_dir,), nprocs=WORLD, join=True, start_method="spawn")
         yield [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 
