@@ -39,8 +39,8 @@ OWN_CLUSTERS = ("test_loopback.py", "test_train_job.py", "test_cluster_rehearsal
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Every integration test is slow (real Ray clusters, MLflow servers, trainings): ``pytest -m "not slow"`` is
-    the quick part, the unit tests. Under pytest-xdist (the default: three workers, as most of the suite's time is
-    waiting on processes), the tests that start their own clusters share one worker, and so do the users of the session's
+    the quick part, the unit tests. Under pytest-xdist (the default: two workers, as half the suite's time is waiting
+    on processes; three overloaded this 2-core machine), the tests that start their own clusters share one worker, and so do the users of the session's
     trained model (one worker trains it, not each)."""
     for item in items:
         if "integration" in item.path.parts:
