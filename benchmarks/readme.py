@@ -111,7 +111,7 @@ def _source(record: dict, name: str) -> str:
 def _step() -> str:
     r = json.loads((RESULTS / "step-cpu.json").read_text())
     labels = {"release_way": "our model run the release's way (written-out attention, per-image SciPy matching "
-                             "with a host copy each, AdamW's loop)", "ours": "ours",
+                             "with a host copy each, AdamW's loop, all 77 text columns)", "ours": "ours",
               "ours_compiled": "ours, `train.compile`", "groupvit": "GroupViT (no NPR), ours"}
     lines = [f"Training step, {r['preset']}, batch {r['batch']}, {r['precision']}, {r['threads']} threads, medians of "
              f"{r['rounds']} alternating rounds:", "", "| step | s/step | images/s |", "|---|---|---|"]

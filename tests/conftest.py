@@ -30,25 +30,12 @@ def _shared(path: Path, what: str) -> Path:
     return path
 
 
-# Tests that start Ray clusters of their own with `ray start` or Ray's cluster utilities: each names itself the
-# machine's current cluster (/tmp/ray/ray_current_cluster), which the stray-cluster tests read, so under pytest-xdist
-# they run one after another on one worker (the other tests go on beside them).
-OWN_CLUSTERS = ("test_loopback.py", "test_train_job.py", "test_cluster_rehearsal.py", "test_elastic.py",
-                "test_download.py::test_ray_distributor_on_two_nodes")
-
-
 def pytest_collection_modifyitems(config, items) -> None:
     """Every integration test is slow (real Ray clusters, MLflow servers, trainings): ``pytest -m "not slow"`` is
-    the quick part, the unit tests. Under pytest-xdist (the default: two workers, as half the suite's time is waiting
-    on processes; three overloaded this 2-core machine), the tests that start their own clusters share one worker, and so do the users of the session's
-    trained model (one worker trains it, not each)."""
+    the quick part, the unit tests."""
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.slow)
-        if any(item.nodeid.split("/")[-1].startswith(name) for name in OWN_CLUSTERS):
-            item.add_marker(pytest.mark.xdist_group("own_clusters"))
-        elif {"tiny_run", "trained_tiny"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("tiny_run"))
 
 
 REFERENCE_FACTS = REPO / "tests" / "fixtures" / "reference"  # the small facts of shared/reference, in the repository
