@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from ray._private import ray_constants
+from ray._private import ray_constants, services
+from ray._raylet import GcsClient
 from ray.train.v2._internal.execution import context as train_context
 
 
@@ -23,3 +24,20 @@ def quiet_train_reports() -> None:
     out of reach of its ``LoggingConfig``."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def dashboard_url(address: str, timeout: float = 5.0) -> str | None:
+    """``http://host:port`` of the dashboard (the state API) of the cluster whose GCS is at ``address`` (``host:port``,
+    or "auto" for RAY_ADDRESS or the machine's latest cluster), as its GCS records it; None for a Ray Client address
+    (``ray://``), a cluster without a dashboard, or a GCS that does not answer (logged). The public resolver
+    (``ray.dashboard.utils``) retries for 40 s when there is no dashboard."""
+    if "://" in address:
+        return None
+    gcs = services.get_ray_address_from_environment(address, None) if address == "auto" else address
+    try:
+        value = GcsClient(address=gcs).internal_kv_get(ray_constants.DASHBOARD_ADDRESS.encode(),
+                                                       ray_constants.KV_NAMESPACE_DASHBOARD, timeout=timeout)
+    except Exception as exc:  # (Ray's RpcError and friends) the run goes on; Ray Train asks the machine's latest
+        logging.getLogger(__name__).warning("could not read the dashboard address of the cluster at %s: %s", gcs, exc)
+        return None
+    return f"http://{value.decode()}" if value else None

@@ -22,6 +22,7 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disa
 # Ray Train on one machine of ours: no node is ever drained, so no preemption watcher (one actor less per run), and
 # the controller polls its workers every 0.5 s instead of 2 s (a run's end is seen sooner). Set for the embedded Ray only, before it starts (its processes inherit them).
 EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients find the dashboard
 DATA_CPUS = 1.0  # CPUs left to Ray Data's read/decode tasks on a machine that also trains
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "tensorboardX")
 
@@ -73,6 +74,11 @@ def start_ray(address: str | None = None, *, num_cpus: float | None = None, verb
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     if named:
         check_address(named)
+        from pipelines.ray_private import dashboard_url  # (imports Ray)
+
+        url = None if API_SERVER_ENV in os.environ else dashboard_url(named)  # (the user's or the job's stands)
+        if url:
+            name_state_api(options, url)
         try:
             ray.init(address=named, **options)
         except ConnectionError as exc:  # "auto" with no local cluster
@@ -84,15 +90,20 @@ def start_ray(address: str | None = None, *, num_cpus: float | None = None, verb
     for key, value in EMBEDDED_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     if options.get("include_dashboard", True):
-        # Ray Train's processes find the state API (the dashboard) by the address of "the" local cluster, which is
-        # another one when someone's `ray start` runs beside ours: name ours to every process of this job
-        port = options.setdefault("dashboard_port", free_port())
-        runtime_env = dict(options.pop("runtime_env", None) or {})
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
-                                   "RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}
-        options["runtime_env"] = runtime_env
+        name_state_api(options, f"http://{LOOPBACK}:{options.setdefault('dashboard_port', free_port())}")
     ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **options)
     return "embedded"
+
+
+def name_state_api(options: dict, url: str) -> None:
+    """Name the cluster's state API (its dashboard, ``url``) to every process of this job, in ``options``'
+    runtime_env. Ray Train's processes (its placement-group cleaner among them) ask the state API of "the" local
+    cluster otherwise: the one in the machine's /tmp/ray/ray_current_cluster, which is another one when a second
+    cluster was started on the machine since (someone's `ray start`, a test's); the cleaner then finds no controller
+    and removes the run's placement group."""
+    runtime_env = dict(options.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), API_SERVER_ENV: url}
+    options["runtime_env"] = runtime_env
 
 
 def free_port() -> int:

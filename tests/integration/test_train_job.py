@@ -48,7 +48,7 @@ def ray_head():
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     wait_for_http(f"{address}/api/version", head, "ray start --head", 180)
-    yield address, env
+    yield address, env, f"127.0.0.1:{port}"
     stop_group(head)
     shutil.rmtree(temp, ignore_errors=True)  # its logs and session files
 
@@ -56,7 +56,7 @@ def ray_head():
 def _submit(ray_head, *job: str) -> subprocess.CompletedProcess:
     """`ray job submit -- python -m JOB...` with this working tree as the job's working_dir; fails unless it
     succeeded."""
-    address, env = ray_head
+    address, env, _ = ray_head
     runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", "outputs", "mlflow.db"],
                    "env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}
     command = [RAY, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -104,3 +104,48 @@ def test_ray_job_submit_runs_a_sweep(ray_head, shapes_data, mlflow_server, tmp_p
     children = _children(client, "sweep-job", parent[0].info.run_id)
     assert [c.data.params["npr.phi"] for c in children] == ["0.3"] and children[0].info.status == "FINISHED"
     assert [r["npr.phi"] for r in _summary(client, parent[0].info.run_id)] == [0.3]
+
+
+PROBE = """
+import json, os, sys
+from pipelines.runtime import start_ray
+start_ray(sys.argv[1])
+import ray
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def ping(self):
+        return 1
+
+@ray.remote(num_cpus=0)
+def ask(actor_id, decoy):  # as Ray Train's placement-group cleaner asks: the state API, no address named
+    from ray.util.state import get_actor
+    os.environ["RAY_TMPDIR"] = decoy  # where Ray looks for the machine's latest cluster: another one
+    try:
+        actor = get_actor(actor_id, timeout=10)
+    except Exception as exc:
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), type(exc).__name__
+    finally:
+        del os.environ["RAY_TMPDIR"]
+    return os.environ.get("RAY_API_SERVER_ADDRESS"), actor.state if actor else None
+
+probe = Probe.remote()
+ray.get(probe.ping.remote())
+print(json.dumps(ray.get(ask.remote(probe._actor_id.hex(), sys.argv[2]))))
+"""
+
+
+def test_a_named_clusters_processes_ask_its_own_state_api(ray_head, tmp_path):
+    """A process of a run on a named cluster that asks the state API without an address (Ray Train's placement-group
+    cleaner does) asks this cluster's dashboard, not the machine's latest `ray start`ed cluster (here a decoy
+    address file names another; before, the question went there, and the cleaner, finding no controller, removed
+    the run's placement group)."""
+    dashboard, env, gcs = ray_head
+    decoy = tmp_path / "decoy"
+    (decoy / "ray").mkdir(parents=True)
+    (decoy / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # nothing listens there
+    env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", PROBE, gcs, str(decoy)], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [dashboard, "ALIVE"]
