@@ -30,12 +30,38 @@ def _shared(path: Path, what: str) -> Path:
     return path
 
 
+# Tests that start Ray clusters of their own with `ray start` or Ray's cluster utilities: each names itself the
+# machine's current cluster (/tmp/ray/ray_current_cluster), which the stray-cluster tests read, so under pytest-xdist
+# they run one after another on one worker (the other tests go on beside them).
+OWN_CLUSTERS = ("test_loopback.py", "test_train_job.py", "test_cluster_rehearsal.py", "test_elastic.py",
+                "test_download.py::test_ray_distributor_on_two_nodes")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns the groups into node ids
 def pytest_collection_modifyitems(config, items) -> None:
     """Every integration test is slow (real Ray clusters, MLflow servers, trainings): ``pytest -m "not slow"`` is
-    the quick part, the unit tests."""
+    the quick part, the unit tests. Under pytest-xdist (the default: two workers, as half the suite's time is waiting
+    on processes; three overloaded this 2-core machine), the tests that start their own clusters share one worker,
+    and so do the users of the session's trained model (one worker trains it, not each)."""
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.slow)
+        if any(item.nodeid.split("/")[-1].startswith(name) for name in OWN_CLUSTERS):
+            item.add_marker(pytest.mark.xdist_group("own_clusters"))
+        elif {"tiny_run", "trained_tiny"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("tiny_run"))
+
+
+@pytest.fixture(autouse=True)
+def _grouping_holds(request) -> None:
+    """Under pytest-xdist's loadgroup, a grouped test's node id carries its group (the scheduler keeps a group on one
+    worker by it): fail rather than let tests with clusters of their own overlap unnoticed (pytest 9.2 and a
+    conftest hook running after xdist's each dropped the groups silently)."""
+    if request.config.getoption("dist", "no") != "loadgroup" or "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    for mark in request.node.iter_markers("xdist_group"):
+        group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        assert request.node.nodeid.endswith(f"@{group}"), f"pytest-xdist did not group {request.node.nodeid}"
 
 
 REFERENCE_FACTS = REPO / "tests" / "fixtures" / "reference"  # the small facts of shared/reference, in the repository
