@@ -29,3 +29,11 @@ def test_each_adapter_names_the_ray_version_it_was_checked_with(module):
     from conftest import REPO
 
     assert "Ray 2.60" in (REPO / module).read_text()
+
+
+def test_the_dashboard_address_key_and_a_client_address_asked_of_no_cluster():
+    """Where the GCS keeps the dashboard's address (read by dashboard_url; the read itself is tested on a real
+    `ray start` cluster in test_train_job); a Ray Client address is not asked (it has no GCS to read here)."""
+    assert ray_private.ray_constants.DASHBOARD_ADDRESS == "dashboard"
+    assert ray_private.ray_constants.KV_NAMESPACE_DASHBOARD == b"dashboard"
+    assert ray_private.dashboard_url("ray://127.0.0.1:1") is None
