@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from pipelines.runtime import free_port
 
 
 def wait_for_http(url: str, proc, what: str, seconds: float) -> None:
@@ -28,12 +29,6 @@ def wait_for_http(url: str, proc, what: str, seconds: float) -> None:
             pytest.fail(f"{what} exited at start")
     os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"{what} did not answer {url} within {seconds:g} s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlflow_process import wait_for_http
+from pipelines.runtime import free_port
 from processes import stop_group
 from test_sweep import _base, _children, _summary, _sweep
 
@@ -23,19 +23,13 @@ from conftest import REPO
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     """A separate Ray head on 127.0.0.1 (its own ports and temp dir) for this module's jobs, stopped with its process
     group."""
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # every listening port of its own: the session's in-process Ray already holds the default agent ports
-    own_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    own_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                          "metrics-export-port", "runtime-env-agent-port",
                                                          "node-manager-port", "object-manager-port",
                                                          "ray-client-server-port")]
@@ -143,7 +137,7 @@ def test_a_named_clusters_processes_ask_its_own_state_api(ray_head, tmp_path):
     dashboard, env, gcs = ray_head
     decoy = tmp_path / "decoy"
     (decoy / "ray").mkdir(parents=True)
-    (decoy / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # nothing listens there
+    (decoy / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
     env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     out = subprocess.run([sys.executable, "-c", PROBE, gcs, str(decoy)], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=300)
