@@ -1,6 +1,7 @@
 """The session's tiny training run, tracked on a real `mlflow server`: its kept checkpoints are LoggedModels of the
-run, the best by the dev set's mIoU is the registered model's champion, and `mlflow models serve` serves it on
-127.0.0.1 with the masks `pgseg segment` writes."""
+run, the best by the dev set's mIoU is the registered model's champion; and `mlflow models serve` serves a champion
+(of a model of the same architecture logged and registered the same way, whose masks vary) on 127.0.0.1 with the
+masks `pgseg segment` writes."""
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,12 @@ import urllib.request
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow_process import free_port, wait_for_http
 from PIL import Image
 from processes import stop_group
+
+from pgseg.checkpoint import read_model_config
 
 NAME = "pgseg-tiny"
 METRIC = "eval/val/mIoU"
@@ -36,19 +40,46 @@ def _request(image: bytes, classes: str, bg_thresh: float = 0.0) -> dict:
             "params": {"bg_thresh": bg_thresh}}
 
 
-def _varied_threshold(weights, images, classes) -> float:
-    """A background threshold at which the 16-step model's masks of ``images`` hold two labels or more (so that
-    comparing the served masks with the written ones compares something): tried in process, lowest first. An
-    untrained model can give one class everywhere at threshold 0 and background everywhere at another."""
-    from pgseg.checkpoint import load_model
-    from pgseg.segment import ProtocolSettings, Segmenter
+SERVED = "pgseg-serve-check"
 
-    model, config = load_model(str(weights), "cpu")
-    for threshold in (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0):
-        segmenter = Segmenter(model, classes, ProtocolSettings.of(config.eval, threshold))
-        if len(set().union(*(segmenter(p).labels.unique().tolist() for p in images))) >= 2:
-            return threshold
-    pytest.fail("the champion gives one label everywhere at every threshold tried")
+
+def _model_file(uri: str, folder):
+    """The one pgseg model file of the MLflow model ``uri``, downloaded into ``folder``."""
+    assert mlflow.artifacts.download_artifacts(uri, dst_path=str(folder))
+    (weights,) = folder.rglob("*.safetensors")
+    return weights
+
+
+def _varied_model(config, images, classes, folder) -> str:
+    """A model of ``config``'s architecture whose masks of ``images`` vary (three labels or more among them, two or
+    more within one), so that comparing the served masks with the written ones compares something: the first
+    varied one of seeded initial models, chosen in process. A 16-step model can give one label per image and the
+    same one for all (CI's did, at every threshold), so the tiny run's champion cannot be relied on for this.
+    Logged and registered the way a training run's kept checkpoints are (`log_kept_models`, `register_champion`):
+    the name of its registered model."""
+    import ray.train
+
+    from pgseg.model import PGSeg
+    from pgseg.segment import ProtocolSettings, Segmenter
+    from pipelines.models import example_input, log_kept_models, register_champion
+
+    for seed in range(16):
+        torch.manual_seed(seed)
+        model = PGSeg.from_config(config).eval()
+        segmenter = Segmenter(model, classes, ProtocolSettings.of(config.eval, 0.0))
+        labels = [set(segmenter(p).labels.unique().tolist()) for p in images]
+        if len(set().union(*labels)) >= 3 and max(map(len, labels)) >= 2:
+            break
+    else:
+        pytest.fail("none of 16 seeded models gives varied masks")
+    folder.mkdir()
+    torch.save({"model": model.state_dict(), "step": 0}, folder / "state.pt")  # a training state's layout
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment(SERVED), run_name=f"seed-{seed}")
+    kept = log_kept_models(run.info.run_id, mlflow.get_tracking_uri(), [(ray.train.Checkpoint(str(folder)),
+                                                                         {"step": 0})], config, *example_input())
+    register_champion(kept, mlflow.get_tracking_uri(), SERVED, METRIC)
+    return SERVED
 
 
 def test_kept_checkpoints_are_models_of_the_run_and_the_best_is_champion(tiny_run, mlflow_server):
@@ -85,23 +116,22 @@ def test_mlflow_models_serve_answers_with_the_masks_pgseg_segment_writes(tiny_ru
     from jobs.segment import main as segment
 
     mlflow.set_tracking_uri(mlflow_server)
-    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "champion"))
-    weights = next((tmp_path / "champion").rglob("*.safetensors"))
-    assert local and weights.is_file()
+    champion = _model_file(f"models:/{NAME}@champion", tmp_path / "champion")
     images = sorted((shapes_data["val"]).rglob("*.jpg"))
     classes = ", ".join(shapes_data["world"].classes)
-    threshold = _varied_threshold(weights, images, shapes_data["world"].classes)
-    assert segment([*map(str, images), "--checkpoint", str(weights), "--classes", classes, "--bg-thresh",
-                    str(threshold), "--out", str(tmp_path / "seg")]) == 0
+    served = _varied_model(read_model_config(champion), images, shapes_data["world"].classes, tmp_path / "state")
+    weights = _model_file(f"models:/{served}@champion", tmp_path / "served")
+    assert segment([*map(str, images), "--checkpoint", str(weights), "--classes", classes, "--bg-thresh", "0",
+                    "--out", str(tmp_path / "seg")]) == 0
     expected = [np.asarray(Image.open(tmp_path / "seg" / f"{p.stem}_mask.png")) for p in images]
-    assert len(np.unique(np.concatenate([m.ravel() for m in expected]))) >= 2  # not one label everywhere
+    assert len(np.unique(np.concatenate([m.ravel() for m in expected]))) >= 3  # not one label everywhere
     image_path = images[0]
 
     port = free_port()
     # the server runs `uvicorn` by name: the environment's bin folder on PATH, as in an activated virtualenv
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{served}@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("wb"),
                             start_new_session=True)
@@ -111,7 +141,7 @@ def test_mlflow_models_serve_answers_with_the_masks_pgseg_segment_writes(tiny_ru
         except BaseException:
             print((tmp_path / "serve.log").read_text()[-3000:], file=sys.stderr)
             raise
-        request = _request(images[0].read_bytes(), classes, threshold)
+        request = _request(images[0].read_bytes(), classes, 0.0)
         request["dataframe_split"]["data"] = [[base64.b64encode(p.read_bytes()).decode(), classes] for p in images]
         status, answer = _post(f"http://127.0.0.1:{port}/invocations", request)
         assert status == 200, answer
