@@ -151,13 +151,14 @@ def register_champion(kept: Sequence[KeptModel], uri: str, name: str, metric: st
     return best, str(version.version)
 
 
-def download_model_file(uri: str, tracking_uri: str | None = None) -> Path:
+def download_model_file(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     """The pgseg model file inside an MLflow model (``models:/NAME@champion``, ``models:/m-…``, ``runs:/…``),
-    downloaded from the tracking server (``tracking_uri``, else $MLFLOW_TRACKING_URI)."""
+    downloaded from the tracking server (``tracking_uri``, else $MLFLOW_TRACKING_URI) into ``dst`` (else a new
+    temporary folder)."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(uri))
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=None if dst is None else str(dst)))
     except mlflow.exceptions.MlflowException as exc:
         raise FileNotFoundError(f"{uri}: {str(exc).splitlines()[0]}") from None
     files = sorted(local.rglob("*.safetensors"))

@@ -16,14 +16,18 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from mlflow_process import free_port, wait_for_http
+from mlflow_process import wait_for_http
 from PIL import Image
 from processes import stop_group
 
 from pgseg.checkpoint import read_model_config
+from pgseg.train import STATE_FILE
+from pipelines.models import download_model_file
+from pipelines.runtime import free_port
 
 NAME = "pgseg-tiny"
 METRIC = "eval/val/mIoU"
+SERVED = "pgseg-serve-check"  # the registered model of the served-masks test
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -38,16 +42,6 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def _request(image: bytes, classes: str, bg_thresh: float = 0.0) -> dict:
     return {"dataframe_split": {"columns": ["image", "classes"], "data": [[base64.b64encode(image).decode(), classes]]},
             "params": {"bg_thresh": bg_thresh}}
-
-
-SERVED = "pgseg-serve-check"
-
-
-def _model_file(uri: str, folder):
-    """The one pgseg model file of the MLflow model ``uri``, downloaded into ``folder``."""
-    assert mlflow.artifacts.download_artifacts(uri, dst_path=str(folder))
-    (weights,) = folder.rglob("*.safetensors")
-    return weights
 
 
 def _varied_model(config, images, classes, folder) -> str:
@@ -73,7 +67,7 @@ def _varied_model(config, images, classes, folder) -> str:
     else:
         pytest.fail("none of 16 seeded models gives varied masks")
     folder.mkdir()
-    torch.save({"model": model.state_dict(), "step": 0}, folder / "state.pt")  # a training state's layout
+    torch.save({"model": model.state_dict(), "step": 0}, folder / STATE_FILE)  # a training state's layout
     client = mlflow.MlflowClient()
     run = client.create_run(client.create_experiment(SERVED), run_name=f"seed-{seed}")
     kept = log_kept_models(run.info.run_id, mlflow.get_tracking_uri(), [(ray.train.Checkpoint(str(folder)),
@@ -116,11 +110,11 @@ def test_mlflow_models_serve_answers_with_the_masks_pgseg_segment_writes(tiny_ru
     from jobs.segment import main as segment
 
     mlflow.set_tracking_uri(mlflow_server)
-    champion = _model_file(f"models:/{NAME}@champion", tmp_path / "champion")
+    champion = download_model_file(f"models:/{NAME}@champion", dst=tmp_path / "champion")
     images = sorted((shapes_data["val"]).rglob("*.jpg"))
     classes = ", ".join(shapes_data["world"].classes)
     served = _varied_model(read_model_config(champion), images, shapes_data["world"].classes, tmp_path / "state")
-    weights = _model_file(f"models:/{served}@champion", tmp_path / "served")
+    weights = download_model_file(f"models:/{served}@champion", dst=tmp_path / "served")
     assert segment([*map(str, images), "--checkpoint", str(weights), "--classes", classes, "--bg-thresh", "0",
                     "--out", str(tmp_path / "seg")]) == 0
     expected = [np.asarray(Image.open(tmp_path / "seg" / f"{p.stem}_mask.png")) for p in images]
