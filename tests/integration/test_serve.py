@@ -73,7 +73,8 @@ def test_concurrent_requests_are_batched_and_give_the_in_process_masks(service, 
         for path, (status, body) in zip(images, answers):
             assert status == 200, body
             mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
-            # the service scored this image in a batch with others: equal but for float near-ties
+            # the service scored this image in a batch with others, on its replica's thread count: equal but for
+            # float near-ties
             assert_labels_match_up_to_near_ties(mask, segmenter(read_image(path)))
             assert body["labels"] == ["background", *names] and sum(body["areas"].values()) == pytest.approx(1.0)
             palette = Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))).getpalette()
@@ -221,7 +222,8 @@ def test_the_page_segments_an_image_in_a_real_browser(service, trained_tiny, sha
         href = page.find_element(By.ID, "download").get_attribute("href")
         assert href.startswith("data:image/png;base64,")
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))))
-        # the mask to download: the model's labels at the image's size (the service may batch: near-ties aside)
+        # the mask to download: the model's labels at the image's size (near-ties aside: the replica runs on its own
+        # thread count)
         assert_labels_match_up_to_near_ties(mask, result)
         shown = _shown_pixels(page, "overlay")
         assert (shown[..., 3] == 255).all()
